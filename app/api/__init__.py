@@ -1,0 +1,1 @@
+"""HTTP face of the service: routes, upload parsing and the error handler."""

@@ -1,0 +1,68 @@
+"""The one interface every engine implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Self
+
+from PIL import Image
+
+from app.results import Generation
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """Per-page sampling; the authors' defaults come from settings."""
+
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    engine: str
+    model: str
+    device: str
+    # How many pages a document should keep rendered and waiting for this engine:
+    # enough to keep it busy, few enough to bound memory.
+    max_pages_in_flight: int
+
+
+class Engine(Protocol):
+    """Recognises one page image at a time; concurrency comes from many callers.
+
+    `start` may be slow (loading weights); `check_health` raises a
+    `ServiceUnavailable` subclass when the engine cannot serve right now.
+    """
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def check_health(self) -> None: ...
+
+    async def recognize(self, image: Image.Image, sampling: Sampling) -> Generation: ...
+
+    def info(self) -> EngineInfo: ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(self, *exc: object) -> None: ...
+
+
+class EngineBase:
+    """Gives engines the async-context-manager form: `async with engine: ...`."""
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

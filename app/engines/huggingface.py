@@ -1,0 +1,202 @@
+"""In-process engine: LightOnOCR with transformers, pages decoded together in batches.
+
+Concurrent `recognize` calls (one document's pages, or several requests at
+once) land in a queue; a single batcher task takes up to HF_MAX_BATCH_SIZE of
+them and runs one `generate` in a worker thread, so the event loop never
+blocks and the accelerator sees full batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import torch
+from PIL import Image
+from transformers import LightOnOcrForConditionalGeneration, LightOnOcrProcessor
+
+from app.engines.base import EngineBase, EngineInfo, Sampling
+from app.errors import EngineError, EngineNotReady, EngineUnavailable
+from app.results import FinishReason, Generation
+from app.settings import Device, Settings
+
+log = logging.getLogger(__name__)
+
+# One user turn holding only the image: the authors' request (REFERENCE.md).
+_CONVERSATION: list[dict[str, Any]] = [{"role": "user", "content": [{"type": "image"}]}]
+
+
+def resolve_device(requested: Device) -> torch.device:
+    """Requested device if present, else CPU with one warning."""
+    if requested is Device.CUDA and not torch.cuda.is_available():
+        log.warning("DEVICE=cuda but CUDA is not available: falling back to CPU")
+        return torch.device("cpu")
+    if requested is Device.MPS and not torch.backends.mps.is_available():
+        log.warning("DEVICE=mps but MPS is not available: falling back to CPU")
+        return torch.device("cpu")
+    return torch.device(requested.value)
+
+
+def dtype_for(device: torch.device) -> torch.dtype:
+    # bf16 on CUDA and CPU; MPS kernels are incomplete for bf16.
+    return torch.float32 if device.type == "mps" else torch.bfloat16
+
+
+@dataclass
+class _Pending:
+    image: Image.Image
+    sampling: Sampling
+    future: asyncio.Future[Generation] = field(repr=False)
+
+
+class HuggingFaceEngine(EngineBase):
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._device: torch.device | None = None
+        self._model: LightOnOcrForConditionalGeneration | None = None
+        self._processor: LightOnOcrProcessor | None = None
+        self._stop_ids: set[int] = set()
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._batcher: asyncio.Task[None] | None = None
+
+    # -- life cycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await anyio.to_thread.run_sync(self._load)
+        self._batcher = asyncio.create_task(self._run_batches(), name="hf-batcher")
+
+    def _load(self) -> None:
+        settings = self._settings
+        device = resolve_device(settings.device)
+        source = settings.model_name
+        kwargs: dict[str, Any] = {}
+        if not Path(source).is_dir():
+            settings.model_cache_dir.mkdir(parents=True, exist_ok=True)
+            kwargs["cache_dir"] = str(settings.model_cache_dir)
+        log.info("loading %s on %s (%s)", source, device, dtype_for(device))
+        try:
+            # Explicit classes: the hub config says mistral3/Pixtral, which Auto* would pick wrongly.
+            processor = LightOnOcrProcessor.from_pretrained(source, **kwargs)
+            model = LightOnOcrForConditionalGeneration.from_pretrained(source, dtype=dtype_for(device), **kwargs)
+        except OSError as exc:
+            raise EngineUnavailable(
+                f"cannot load model {source!r}: {exc}. If this machine is offline, download it elsewhere "
+                f"with `huggingface-cli download {source} --cache-dir {settings.model_cache_dir}` and copy "
+                "the cache, or set MODEL_NAME to a local directory holding the checkpoint."
+            ) from exc
+        model.to(device)  # type: ignore[arg-type]
+        model.eval()  # type: ignore[no-untyped-call]
+        processor.tokenizer.padding_side = "left"  # batched decoding needs prompts aligned on the right
+        tokenizer = processor.tokenizer
+        stop_ids = set(_as_list(model.generation_config.eos_token_id))
+        stop_ids.update(_as_list(tokenizer.eos_token_id))
+        self._device, self._model, self._processor, self._stop_ids = device, model, processor, stop_ids
+
+    async def close(self) -> None:
+        if self._batcher is not None:
+            self._batcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._batcher
+            self._batcher = None
+        while not self._queue.empty():
+            pending = self._queue.get_nowait()
+            if not pending.future.done():
+                pending.future.set_exception(EngineUnavailable("the engine is shutting down"))
+        self._model = None
+
+    async def check_health(self) -> None:
+        if self._model is None or self._batcher is None or self._batcher.done():
+            raise EngineNotReady("the model is not loaded", retry_after=self._settings.retry_after_s)
+
+    def info(self) -> EngineInfo:
+        device = str(self._device) if self._device is not None else f"{self._settings.device.value} (not loaded)"
+        return EngineInfo(
+            engine="huggingface",
+            model=self._settings.model_name,
+            device=device,
+            max_pages_in_flight=2 * self._settings.hf_max_batch_size,
+        )
+
+    # -- recognition ------------------------------------------------------------------
+
+    async def recognize(self, image: Image.Image, sampling: Sampling) -> Generation:
+        future: asyncio.Future[Generation] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(image, sampling, future))
+        return await future
+
+    async def _run_batches(self) -> None:
+        max_batch = self._settings.hf_max_batch_size
+        wait_s = self._settings.hf_batch_wait_ms / 1000
+        while True:
+            batch = [await self._queue.get()]
+            # Give pages that arrive together a moment to join the batch.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_s):
+                    while len(batch) < max_batch:
+                        batch.append(await self._queue.get())
+            live = [p for p in batch if not p.future.done()]  # callers may have gone away
+            for group in _group_by_sampling(live):
+                try:
+                    results = await anyio.to_thread.run_sync(self._generate, group)
+                except Exception as exc:  # one failed batch must not stop the batcher
+                    log.exception("generate failed for a batch of %d page(s)", len(group))
+                    error = EngineError(f"generation failed: {exc}")
+                    for pending in group:
+                        if not pending.future.done():
+                            pending.future.set_exception(error)
+                    continue
+                for pending, result in zip(group, results, strict=True):
+                    if not pending.future.done():
+                        pending.future.set_result(result)
+
+    @torch.inference_mode()
+    def _generate(self, group: list[_Pending]) -> list[Generation]:
+        model, processor, device = self._model, self._processor, self._device
+        if model is None or processor is None or device is None:
+            raise EngineUnavailable("the model is not loaded")
+        sampling = group[0].sampling
+        prompt = processor.apply_chat_template(_CONVERSATION, add_generation_prompt=True, tokenize=False)
+        inputs = processor(
+            text=[prompt] * len(group), images=[p.image for p in group], return_tensors="pt", padding=True
+        )
+        inputs = inputs.to(device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        sample = sampling.temperature > 0
+        output = model.generate(
+            **inputs,
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=sample,
+            temperature=sampling.temperature if sample else None,
+            top_p=sampling.top_p if sample else None,
+            top_k=None,
+        )
+        new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
+        return [self._decode(row, sampling.max_new_tokens) for row in new_tokens]
+
+    def _decode(self, row: list[int], max_new_tokens: int) -> Generation:
+        assert self._processor is not None
+        end = next((i for i, token in enumerate(row) if token in self._stop_ids), None)
+        finish: FinishReason = "stop" if end is not None or len(row) < max_new_tokens else "length"
+        tokens = row[:end] if end is not None else row
+        text = self._processor.tokenizer.decode(tokens, skip_special_tokens=True)
+        return Generation(text=text.strip(), finish_reason=finish, tokens=len(tokens))
+
+
+def _as_list(value: int | list[int] | None) -> list[int]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else list(value)
+
+
+def _group_by_sampling(batch: list[_Pending]) -> list[list[_Pending]]:
+    """`generate` takes one set of sampling parameters per call."""
+    groups: dict[Sampling, list[_Pending]] = {}
+    for pending in batch:
+        groups.setdefault(pending.sampling, []).append(pending)
+    return list(groups.values())

@@ -1,0 +1,167 @@
+"""Engine that sends pages to a vLLM server over its OpenAI-compatible API.
+
+vLLM batches concurrent requests itself, so this engine never batches: every
+page is its own request, and throughput comes from keeping up to
+MAX_CONCURRENT_PAGES of them in flight (one semaphore shared by all documents).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import Any
+
+import anyio
+import httpx
+from PIL import Image
+
+from app.engines.base import EngineBase, EngineInfo, Sampling
+from app.errors import EngineError, EngineTimeout, EngineUnavailable
+from app.imaging import encode_png, png_data_url
+from app.results import Generation
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_HEALTH_TIMEOUT_S = 5.0
+
+
+class _Retryable(Exception):
+    """A failure worth another try: connection trouble or a 5xx."""
+
+    def __init__(self, message: str, *, connection: bool) -> None:
+        super().__init__(message)
+        self.connection = connection
+
+
+class VLLMEngine(EngineBase):
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._base_url = settings.vllm_base_url
+        self._semaphore = asyncio.Semaphore(settings.max_concurrent_pages)
+        self._client: httpx.AsyncClient | None = None
+
+    async def start(self) -> None:
+        headers = {"Authorization": f"Bearer {self._settings.vllm_api_key}"} if self._settings.vllm_api_key else {}
+        slots = self._settings.max_concurrent_pages
+        self._client = httpx.AsyncClient(
+            base_url=self._base_url,
+            headers=headers,
+            timeout=httpx.Timeout(self._settings.vllm_page_timeout_s, connect=10.0),
+            limits=httpx.Limits(max_connections=slots, max_keepalive_connections=slots),
+        )
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            raise RuntimeError("VLLMEngine used before start()")
+        return self._client
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(
+            engine="vllm",
+            model=self._settings.model_name,
+            device=f"remote ({self._base_url})",
+            max_pages_in_flight=self._settings.max_concurrent_pages,
+        )
+
+    async def check_health(self) -> None:
+        """Ready means: the server answers and serves MODEL_NAME."""
+        retry_after = self._settings.retry_after_s
+        try:
+            response = await self.client.get("/models", timeout=_HEALTH_TIMEOUT_S)
+        except httpx.HTTPError as exc:
+            raise EngineUnavailable(
+                f"vLLM server at {self._base_url} is unreachable: {exc!r}", retry_after=retry_after
+            ) from None
+        if response.status_code != 200:
+            raise EngineUnavailable(
+                f"vLLM server at {self._base_url} answered {response.status_code} to /models",
+                retry_after=retry_after,
+            )
+        try:
+            served = [str(model["id"]) for model in response.json()["data"]]
+        except (ValueError, KeyError, TypeError):
+            raise EngineUnavailable("vLLM /models answer is not OpenAI-shaped", retry_after=retry_after) from None
+        if self._settings.model_name not in served:
+            raise EngineUnavailable(
+                f"vLLM server serves {served}, not {self._settings.model_name!r} (MODEL_NAME)",
+                retry_after=retry_after,
+                served=served,
+            )
+
+    def payload(self, png: bytes, sampling: Sampling) -> dict[str, Any]:
+        """The authors' request: one user turn holding only the page image."""
+        return {
+            "model": self._settings.model_name,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url(png)}}]}],
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "max_tokens": sampling.max_new_tokens,
+        }
+
+    async def recognize(self, image: Image.Image, sampling: Sampling) -> Generation:
+        # Encoding happens before taking a slot so it overlaps with pages in flight.
+        png = await anyio.to_thread.run_sync(encode_png, image)
+        payload = self.payload(png, sampling)
+        del png
+        async with self._semaphore:
+            return await self._post_with_retries(payload)
+
+    async def _post_with_retries(self, payload: dict[str, Any]) -> Generation:
+        attempts = self._settings.vllm_max_retries + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                return await self._post(payload)
+            except _Retryable as exc:
+                if attempt == attempts:
+                    if exc.connection:
+                        raise EngineUnavailable(
+                            f"vLLM server at {self._base_url} failed {attempts} times: {exc}",
+                            retry_after=self._settings.retry_after_s,
+                        ) from None
+                    raise EngineError(f"vLLM server failed {attempts} times: {exc}") from None
+                delay = self._settings.vllm_retry_backoff_s * 2 ** (attempt - 1)
+                log.warning("vLLM request failed (%s); retry %d/%d in %.2fs", exc, attempt, attempts - 1, delay)
+                await asyncio.sleep(delay * (0.5 + random.random()))
+        raise AssertionError("unreachable")
+
+    async def _post(self, payload: dict[str, Any]) -> Generation:
+        try:
+            response = await self.client.post("/chat/completions", json=payload)
+        except httpx.ConnectTimeout as exc:
+            raise _Retryable(repr(exc), connection=True) from None
+        except httpx.TimeoutException:
+            # Not retried: a page that took VLLM_PAGE_TIMEOUT_S once would likely do it again.
+            raise EngineTimeout(
+                f"vLLM did not answer a page within {self._settings.vllm_page_timeout_s:g}s (VLLM_PAGE_TIMEOUT_S)"
+            ) from None
+        except httpx.TransportError as exc:
+            raise _Retryable(repr(exc), connection=True) from None
+        if response.status_code >= 500:
+            raise _Retryable(f"HTTP {response.status_code}: {response.text[:200]}", connection=False)
+        if response.status_code != 200:
+            raise EngineError(
+                f"vLLM rejected the page with HTTP {response.status_code}: {response.text[:500]}",
+                upstream_status=response.status_code,
+            )
+        return _parse_completion(response)
+
+
+def _parse_completion(response: httpx.Response) -> Generation:
+    try:
+        body = response.json()
+        choice = body["choices"][0]
+        text = choice["message"]["content"] or ""
+        finish = choice.get("finish_reason")
+        usage = body.get("usage") or {}
+        tokens = int(usage.get("completion_tokens") or 0)
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise EngineError(f"vLLM answer is not a chat completion: {response.text[:200]}") from None
+    return Generation(text=str(text), finish_reason="length" if finish == "length" else "stop", tokens=tokens)

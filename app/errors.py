@@ -1,0 +1,150 @@
+"""The service's one exception tree.
+
+Every failure a caller can see is an `OCRError`: it carries the HTTP status it
+maps to and a stable machine-readable `code`, so the web layer needs a single
+handler and clients can branch on `code` without parsing messages.
+
+    OCRError (500 internal_error)
+    ├── BadRequest (400 bad_request)
+    │   ├── MalformedRequest (400 malformed_request)
+    │   ├── MultipleFiles (400 multiple_files)
+    │   └── MissingFile (422 missing_file)
+    ├── UploadTimeout (408 upload_timeout)
+    ├── PayloadTooLarge (413 file_too_large)
+    │   └── FieldTooLarge (413 field_too_large)
+    ├── UnsupportedMediaType (415 unsupported_media_type)
+    ├── DocumentError (422 invalid_document)
+    │   ├── EmptyDocument (422 empty_document)
+    │   ├── CorruptDocument (422 corrupt_document)
+    │   ├── PasswordRequired (422 password_required)
+    │   ├── WrongPassword (422 wrong_password)
+    │   ├── TooManyPages (422 too_many_pages)
+    │   ├── ImageTooLarge (422 image_too_large)
+    │   └── InvalidPages (422 invalid_pages)
+    ├── EngineError (502 engine_error)
+    │   └── EngineTimeout (504 engine_timeout)
+    └── ServiceUnavailable (503 service_unavailable, Retry-After)
+        ├── EngineNotReady (503 engine_not_ready)
+        └── EngineUnavailable (503 engine_unavailable)
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class OCRError(Exception):
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details:
+            body["details"] = self.details
+        return body
+
+
+class BadRequest(OCRError):
+    status = 400
+    code = "bad_request"
+
+
+class MalformedRequest(BadRequest):
+    code = "malformed_request"
+
+
+class MultipleFiles(BadRequest):
+    code = "multiple_files"
+
+
+class MissingFile(BadRequest):
+    status = 422
+    code = "missing_file"
+
+
+class UploadTimeout(OCRError):
+    status = 408
+    code = "upload_timeout"
+
+
+class PayloadTooLarge(OCRError):
+    status = 413
+    code = "file_too_large"
+
+
+class FieldTooLarge(PayloadTooLarge):
+    code = "field_too_large"
+
+
+class UnsupportedMediaType(OCRError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class DocumentError(OCRError):
+    status = 422
+    code = "invalid_document"
+
+
+class EmptyDocument(DocumentError):
+    code = "empty_document"
+
+
+class CorruptDocument(DocumentError):
+    code = "corrupt_document"
+
+
+class PasswordRequired(DocumentError):
+    code = "password_required"
+
+
+class WrongPassword(DocumentError):
+    code = "wrong_password"
+
+
+class TooManyPages(DocumentError):
+    code = "too_many_pages"
+
+
+class ImageTooLarge(DocumentError):
+    code = "image_too_large"
+
+
+class InvalidPages(DocumentError):
+    code = "invalid_pages"
+
+
+class EngineError(OCRError):
+    """The engine answered, but not with a usable result."""
+
+    status = 502
+    code = "engine_error"
+
+
+class EngineTimeout(EngineError):
+    status = 504
+    code = "engine_timeout"
+
+
+class ServiceUnavailable(OCRError):
+    """Temporary: the caller should retry after `retry_after` seconds."""
+
+    status = 503
+    code = "service_unavailable"
+
+    def __init__(self, message: str, *, retry_after: int = 5, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.retry_after = retry_after
+
+
+class EngineNotReady(ServiceUnavailable):
+    code = "engine_not_ready"
+
+
+class EngineUnavailable(ServiceUnavailable):
+    code = "engine_unavailable"

@@ -1,0 +1,180 @@
+"""Open a document and render its pages the way LightOnOCR's authors do.
+
+Every function here is blocking: callers run them in worker threads. PDFium is
+not thread-safe, so every call into it holds `PDFIUM_LOCK`; the expensive
+work that follows (colour conversion, resizing, PNG encoding) runs outside it.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Protocol
+
+import pypdfium2 as pdfium
+import pypdfium2.raw as pdfium_c
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from app.errors import (
+    CorruptDocument,
+    EmptyDocument,
+    ImageTooLarge,
+    PasswordRequired,
+    WrongPassword,
+)
+from app.intake.sniff import DocType, sniff
+
+# REFERENCE.md: longest edge at most 1540 px, PDFs at most 200 DPI, never upscaled.
+LONGEST_EDGE = 1540
+PDF_MAX_DPI = 200
+
+PDFIUM_LOCK = threading.Lock()
+
+# We check pixel counts ourselves (with a clear error); Pillow's own guard would
+# turn the same case into a warning or a generic exception.
+Image.MAX_IMAGE_PIXELS = None
+
+
+@dataclass(frozen=True, slots=True)
+class IntakeLimits:
+    max_image_pixels: int
+
+
+class Document(Protocol):
+    """A parsed document whose pages are rendered one at a time."""
+
+    doc_type: DocType
+    page_count: int
+
+    def render(self, index: int) -> Image.Image:
+        """Page `index` (0-based) as an RGB image sized for the model."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def open_document(data: bytes, *, limits: IntakeLimits, password: str | None = None) -> Document:
+    doc_type = sniff(data)
+    if doc_type is DocType.PDF:
+        return PdfDocument(data, password=password, limits=limits)
+    return ImageDocument(data, doc_type=doc_type, limits=limits)
+
+
+def pdf_scale(width_pt: float, height_pt: float) -> float:
+    """Render scale for a page: at most 200 DPI and 1540 px on the longest edge."""
+    return min(PDF_MAX_DPI / 72, LONGEST_EDGE / max(width_pt, height_pt))
+
+
+def fit_to_model(image: Image.Image) -> Image.Image:
+    """Downscale (LANCZOS) so the longest edge is at most 1540 px; never upscale."""
+    width, height = image.size
+    scale = LONGEST_EDGE / max(width, height)
+    if scale >= 1:
+        return image
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB with any transparency flattened on white; 16-bit samples scaled, not clipped."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        image = image.convert("I").point(lambda v: v / 257).convert("L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        background.alpha_composite(rgba)
+        return background.convert("RGB")
+    if image.mode != "RGB":
+        return image.convert("RGB")
+    return image
+
+
+class PdfDocument:
+    doc_type = DocType.PDF
+
+    def __init__(self, data: bytes, *, password: str | None, limits: IntakeLimits) -> None:
+        with PDFIUM_LOCK:
+            try:
+                self._pdf = pdfium.PdfDocument(data, password=password or None)
+            except pdfium.PdfiumError as exc:
+                if exc.err_code == pdfium_c.FPDF_ERR_PASSWORD:
+                    if password:
+                        raise WrongPassword("the password does not open this PDF") from None
+                    raise PasswordRequired("this PDF is encrypted: send its password in the `password` field") from None
+                raise CorruptDocument(f"the PDF cannot be read: {exc}") from None
+            self.page_count = len(self._pdf)
+        if self.page_count == 0:
+            self.close()
+            raise EmptyDocument("the PDF has no pages")
+        self._limits = limits
+
+    def render(self, index: int) -> Image.Image:
+        with PDFIUM_LOCK:
+            try:
+                page = self._pdf[index]
+                try:
+                    width, height = page.get_size()
+                    if not (width > 0 and height > 0):
+                        raise CorruptDocument(f"page {index + 1} has no area", page=index + 1)
+                    bitmap = page.render(scale=pdf_scale(width, height))
+                    raw: Image.Image = bitmap.to_pil()
+                    # to_pil() may share the bitmap's buffer: copy before it is freed.
+                    image = raw.copy() if raw.mode == "RGB" else raw.convert("RGB")
+                finally:
+                    page.close()
+            except pdfium.PdfiumError as exc:
+                raise CorruptDocument(f"page {index + 1} cannot be rendered: {exc}", page=index + 1) from None
+        return image
+
+    def close(self) -> None:
+        with PDFIUM_LOCK:
+            self._pdf.close()
+
+
+class ImageDocument:
+    """A raster image; TIFF frames are pages, GIF and WebP animations use their first frame."""
+
+    def __init__(self, data: bytes, *, doc_type: DocType, limits: IntakeLimits) -> None:
+        self.doc_type = doc_type
+        self._limits = limits
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._image = Image.open(io.BytesIO(data))
+            frames = getattr(self._image, "n_frames", 1) if doc_type is DocType.TIFF else 1
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise CorruptDocument(f"the {doc_type.value.upper()} image cannot be read: {exc}") from None
+        self.page_count = frames
+        self._lock = threading.Lock()  # seek() moves shared state
+        self._check_pixels(0)
+
+    def _check_pixels(self, index: int) -> None:
+        width, height = self._image.size
+        if width * height > self._limits.max_image_pixels:
+            raise ImageTooLarge(
+                f"the image is {width}x{height} pixels; the limit is {self._limits.max_image_pixels:,} pixels",
+                page=index + 1,
+                width=width,
+                height=height,
+            )
+        if width < 1 or height < 1:
+            raise CorruptDocument("the image has no pixels", page=index + 1)
+
+    def render(self, index: int) -> Image.Image:
+        try:
+            with self._lock:
+                self._image.seek(index)
+                self._check_pixels(index)
+                self._image.load()
+                frame = self._image.copy()
+            oriented = ImageOps.exif_transpose(frame)
+            return fit_to_model(to_rgb(oriented))
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise CorruptDocument(f"image page {index + 1} cannot be decoded: {exc}", page=index + 1) from None
+
+    def close(self) -> None:
+        self._image.close()

@@ -1,0 +1,126 @@
+"""All configuration, read once from the environment and `.env`.
+
+Nothing else in the code base reads environment variables: every module gets
+what it needs from a `Settings` instance, so a bad value fails at start-up with
+the variable's name instead of deep inside a request.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ModelSource(StrEnum):
+    HUGGINGFACE = "huggingface"
+    VLLM = "vllm"
+
+
+class Device(StrEnum):
+    CUDA = "cuda"
+    CPU = "cpu"
+    MPS = "mps"
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class Settings(BaseSettings):
+    """Service settings; each field is the lower-case name of its environment variable."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+        protected_namespaces=(),
+    )
+
+    # From the original specification.
+    project_name: str = "LightOnOCR-Service"
+    model_source: ModelSource = ModelSource.HUGGINGFACE
+    model_name: str = "lightonai/LightOnOCR-2-1B"
+    model_cache_dir: Path = Path("Model")
+    device: Device = Device.CUDA
+    max_file_size_mb: PositiveFloat = 10
+
+    # Generation (REFERENCE.md: the authors sample at 0.2 / 0.9; a bound is always sent).
+    max_new_tokens: PositiveInt = 4096
+    temperature: Annotated[float, Field(ge=0, le=2)] = 0.2
+    top_p: Annotated[float, Field(gt=0, le=1)] = 0.9
+
+    # Documents.
+    max_pages: PositiveInt = 100
+    max_image_pixels: PositiveInt = 80_000_000
+    max_field_size_kb: PositiveInt = 64
+    upload_timeout_s: PositiveFloat = 60
+
+    # vLLM engine.
+    vllm_base_url: str = "http://localhost:8001/v1"
+    vllm_api_key: str | None = None
+    max_concurrent_pages: PositiveInt = 64
+    vllm_page_timeout_s: PositiveFloat = 600
+    vllm_max_retries: Annotated[int, Field(ge=0, le=10)] = 3
+    vllm_retry_backoff_s: Annotated[float, Field(ge=0)] = 0.5
+
+    # Hugging Face engine.
+    hf_max_batch_size: PositiveInt = 8
+    hf_batch_wait_ms: Annotated[float, Field(ge=0)] = 5
+
+    # Probes.
+    retry_after_s: PositiveInt = 5
+
+    @field_validator("vllm_base_url")
+    @classmethod
+    def _url_has_scheme(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("model_name")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value.strip()
+
+    @field_validator("vllm_api_key", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @property
+    def max_file_bytes(self) -> int:
+        return int(self.max_file_size_mb * 1024 * 1024)
+
+    @property
+    def model_version(self) -> str:
+        """Short model name for responses: `lightonai/LightOnOCR-2-1B` -> `lightonocr-2-1b`."""
+        return Path(self.model_name.rstrip("/")).name.lower()
+
+
+class SettingsError(Exception):
+    """Configuration is invalid; the message names every offending variable."""
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings, turning pydantic's report into one readable message per variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            name = str(error["loc"][0]).upper() if error["loc"] else "?"
+            lines.append(f"{name}: {error['msg']} (got {error.get('input')!r})")
+        raise SettingsError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()
