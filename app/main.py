@@ -46,4 +46,5 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+logging.getLogger("httpx").setLevel(logging.WARNING)
 app = create_app()
