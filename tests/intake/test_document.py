@@ -1,0 +1,187 @@
+"""Intake renders pages exactly as REFERENCE.md says, and refuses bad input before expensive work."""
+
+from __future__ import annotations
+
+import io
+
+import pypdfium2 as pdfium
+import pytest
+from PIL import Image
+
+from app.errors import (
+    CorruptDocument,
+    EmptyDocument,
+    ImageTooLarge,
+    PasswordRequired,
+    UnsupportedMediaType,
+    WrongPassword,
+)
+from app.intake import DocType, IntakeLimits, open_document, parse_page_selection, sniff
+from app.intake.document import LONGEST_EDGE, pdf_scale
+from tests.conftest import CORPUS, corpus_manifest
+from tests.support.documents import make_image, make_pdf, page_id_of
+
+LIMITS = IntakeLimits(max_image_pixels=50_000_000)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "doc_type"),
+    [("PNG", DocType.PNG), ("JPEG", DocType.JPEG), ("TIFF", DocType.TIFF), ("WEBP", DocType.WEBP),
+     ("BMP", DocType.BMP), ("GIF", DocType.GIF)],
+)  # fmt: skip
+def test_sniff_images(fmt: str, doc_type: DocType) -> None:
+    assert sniff(make_image(fmt, 20, 20)) is doc_type  # type: ignore[arg-type]
+
+
+def test_sniff_pdf_with_leading_junk() -> None:
+    assert sniff(b"\r\n junk \n" + make_pdf(1)) is DocType.PDF
+
+
+def test_sniff_refuses_others() -> None:
+    with pytest.raises(EmptyDocument):
+        sniff(b"")
+    with pytest.raises(UnsupportedMediaType):
+        sniff(b"<!doctype html><html></html>")
+
+
+@pytest.mark.parametrize(
+    ("size_pt", "expected"),
+    [
+        ((612, 792), (1190, 1540)),  # US Letter: bounded by 1540 px
+        ((200, 100), (556, 278)),  # small page: bounded by 200 DPI, not upscaled to 1540
+        ((14400, 14400), (1540, 1540)),  # 200 x 200 inches
+    ],
+)
+def test_pdf_page_size(size_pt: tuple[int, int], expected: tuple[int, int]) -> None:
+    document = open_document(make_pdf(1, size_pt), limits=LIMITS)
+    image = document.render(0)
+    assert image.mode == "RGB"
+    assert image.size == expected
+    assert page_id_of(image) == 1
+
+
+def test_pdf_rendering_matches_reference_pipeline() -> None:
+    """Reference: pypdfium2 at scale min(200/72, 1540/longest), RGB."""
+    data = make_pdf(2, (595, 842))
+    reference = pdfium.PdfDocument(data)
+    document = open_document(data, limits=LIMITS)
+    for index in range(2):
+        page = reference[index]
+        expected = page.render(scale=pdf_scale(*page.get_size())).to_pil().convert("RGB")
+        assert document.render(index).tobytes() == expected.tobytes()
+
+
+def test_pdf_pages_rendered_lazily_in_any_order() -> None:
+    document = open_document(make_pdf(5, (144, 144)), limits=LIMITS)
+    assert document.page_count == 5
+    assert [page_id_of(document.render(i)) for i in (4, 0, 2)] == [5, 1, 3]
+    document.close()
+
+
+def test_encrypted_pdf() -> None:
+    data = make_pdf(1, password="pw")
+    with pytest.raises(PasswordRequired):
+        open_document(data, limits=LIMITS)
+    with pytest.raises(WrongPassword):
+        open_document(data, limits=LIMITS, password="bad")
+    assert open_document(data, limits=LIMITS, password="pw").page_count == 1
+    # Owner-password-only PDFs open without a password, as in every viewer.
+    assert open_document(make_pdf(1, owner_password="owner"), limits=LIMITS).page_count == 1
+
+
+def test_broken_pdfs() -> None:
+    with pytest.raises(CorruptDocument):
+        open_document(make_pdf(2)[:300], limits=LIMITS)
+    zero_pages = (
+        b"%PDF-1.4\n1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj 2 0 obj<</Type/Pages/Kids[]/Count 0>>endobj\n"
+        b"trailer<</Root 1 0 R>>\n%%EOF"
+    )
+    with pytest.raises((EmptyDocument, CorruptDocument)):
+        open_document(zero_pages, limits=LIMITS)
+
+
+def test_large_image_downscaled_with_lanczos() -> None:
+    data = make_image("PNG", 3080, 2000, page_id=3)
+    image = open_document(data, limits=LIMITS).render(0)
+    assert image.size == (LONGEST_EDGE, 1000)
+    reference = Image.open(io.BytesIO(data)).convert("RGB").resize((1540, 1000), Image.Resampling.LANCZOS)
+    assert image.tobytes() == reference.tobytes()
+    assert page_id_of(image) == 3
+
+
+def test_small_image_never_upscaled() -> None:
+    assert open_document(make_image("PNG", 1, 1), limits=LIMITS).render(0).size == (1, 1)
+
+
+def test_alpha_flattened_on_white() -> None:
+    image = open_document(make_image("PNG", 100, 100, mode="RGBA", alpha=True), limits=LIMITS).render(0)
+    assert image.mode == "RGB"
+    assert image.getpixel((50, 99)) == (255, 255, 255)
+
+
+def test_palette_with_transparency_flattened_on_white() -> None:
+    source = Image.new("P", (10, 10), 0)
+    source.putpalette([0, 0, 0, 255, 0, 0])
+    source.info["transparency"] = 0
+    buffer = io.BytesIO()
+    source.save(buffer, format="PNG", transparency=0)
+    assert open_document(buffer.getvalue(), limits=LIMITS).render(0).getpixel((5, 5)) == (255, 255, 255)
+
+
+def test_sixteen_bit_gray_is_scaled_not_clipped() -> None:
+    source = Image.new("I;16", (8, 8), 32896)  # mid-gray in 16 bits
+    buffer = io.BytesIO()
+    source.save(buffer, format="PNG")
+    assert open_document(buffer.getvalue(), limits=LIMITS).render(0).getpixel((0, 0)) == (128, 128, 128)
+
+
+def test_cmyk_jpeg_becomes_rgb() -> None:
+    buffer = io.BytesIO()
+    Image.new("CMYK", (16, 16), (0, 0, 0, 0)).save(buffer, format="JPEG")
+    image = open_document(buffer.getvalue(), limits=LIMITS).render(0)
+    assert image.mode == "RGB"
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_orientation_applied(orientation: int) -> None:
+    data = make_image("JPEG", 400, 600, page_id=9, exif_orientation=orientation)
+    image = open_document(data, limits=LIMITS).render(0)
+    assert image.size == (400, 600)
+    assert page_id_of(image) == 9
+
+
+def test_tiff_frames_are_pages_and_gif_uses_first_frame() -> None:
+    tiff = open_document(make_image("TIFF", 100, 120, frames=3), limits=LIMITS)
+    assert tiff.page_count == 3
+    assert [page_id_of(tiff.render(i)) for i in range(3)] == [1, 2, 3]
+    gif = open_document(make_image("GIF", 100, 120, frames=4), limits=LIMITS)
+    assert gif.page_count == 1
+    assert page_id_of(gif.render(0)) == 1
+
+
+def test_pixel_limit_checked_before_decoding() -> None:
+    with pytest.raises(ImageTooLarge):
+        open_document(make_image("PNG", 8000, 8000), limits=IntakeLimits(max_image_pixels=1_000_000))
+
+
+def test_page_selection() -> None:
+    assert parse_page_selection(None, 4) == [0, 1, 2, 3]
+    assert parse_page_selection("", 4) == [0, 1, 2, 3]
+    assert parse_page_selection("1-2, 4", 4) == [0, 1, 3]
+    assert parse_page_selection("3-", 5) == [2, 3, 4]
+    assert parse_page_selection("2,2,1", 3) == [0, 1]
+
+
+def test_every_corpus_document_renders_within_bounds() -> None:
+    for entry in corpus_manifest():
+        document = open_document((CORPUS / entry["file"]).read_bytes(), limits=LIMITS)
+        assert document.page_count == entry["pages"], entry["id"]
+        for index in range(document.page_count):
+            image = document.render(index)
+            assert image.mode == "RGB"
+            assert max(image.size) <= LONGEST_EDGE
+            if "image_size" in entry:
+                width, height = entry["image_size"]
+                scale = min(1.0, LONGEST_EDGE / max(width, height))
+                assert image.size == (max(1, round(width * scale)), max(1, round(height * scale)))
+        document.close()
