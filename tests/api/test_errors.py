@@ -25,7 +25,8 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, 
     body: dict[str, Any] = response.json()
     assert set(body) == {"error"}
     assert body["error"]["code"] == code
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert isinstance(body["error"]["message"], str)
+    assert body["error"]["message"]
     return body
 
 
@@ -126,9 +127,7 @@ def test_oversized_chunked_upload_is_refused_while_reading(url: str) -> None:
     port = int(url.rsplit(":", 1)[1])
     limit = 1024 * 1024
     boundary = "xyz"
-    head = (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.pdf\"\r\n\r\n%PDF-"
-    ).encode()
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.pdf"\r\n\r\n%PDF-').encode()
     chunk = b"0" * 65536
     sent = 0
     with socket.create_connection(("127.0.0.1", port)) as sock:

@@ -1,0 +1,582 @@
+"""A strict stand-in for a vLLM OpenAI-compatible server, for tests and benchmarks.
+
+It is a real uvicorn HTTP server on loopback (uvicorn is what vLLM itself runs), so the
+client under test exercises real sockets, keep-alive, timeouts and disconnects. Unlike
+vLLM it accepts *only* the request shape LightOnOCR's authors use and records anything
+else as a protocol violation (and answers 400 like vLLM's validation errors).
+
+    with StubVLLM(responder=lambda r: Reply(delay_s=0.2)) as stub:
+        client = OpenAI(base_url=stub.base_url, ...)
+        ...
+        assert stub.violations == [] and stub.max_in_flight <= 4
+
+CLI (benchmarks): ``python -m tests.support.openai_stub --port 8000 --latency-ms 300``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import inspect
+import io
+import json
+import math
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, Literal, Self
+
+import uvicorn
+from PIL import Image
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
+
+from tests.support.documents import page_id_of
+
+DEFAULT_MODEL = "lightonai/LightOnOCR-2-1B"
+MAX_MODEL_LEN = 16384
+MAX_EDGE = 1540
+DATA_URL_PREFIX = "data:image/png;base64,"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ALLOWED_KEYS = frozenset({"model", "messages", "temperature", "top_p", "max_tokens"})
+EXPECTED_MESSAGES = (
+    '[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}]}]'
+)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float
+    top_p: float
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class StubRequest:
+    """A validated chat request, as handed to the responder."""
+
+    image: Image.Image  # decoded page, converted to RGB
+    sha256: str  # of the PNG bytes
+    params: SamplingParams
+    body: bytes  # raw HTTP body
+    attempt: int  # 1 for the first request with this PNG, 2 for the first retry, ...
+    mode: str  # PNG colour mode as sent (e.g. "RGB", "RGBA", "L")
+
+
+@dataclass
+class Reply:
+    """What the stub answers. ``text=None`` means the default page description."""
+
+    text: str | None = None
+    finish_reason: Literal["stop", "length"] = "stop"
+    delay_s: float = 0.0  # asyncio sleep before answering: makes concurrency observable
+    status: int = 200  # non-200: OpenAI-style error body with this status
+    completion_tokens: int | None = None  # default: max_tokens if "length", else word count
+    drop_connection: bool = False  # close the TCP connection without any response
+    message: str | None = None  # error message for non-200 replies
+
+
+Responder = Callable[[StubRequest], "Reply | Awaitable[Reply]"]
+
+
+@dataclass
+class RequestRecord:
+    """Lightweight per-request log entry (no image, so benchmarks can keep millions)."""
+
+    seq: int
+    sha256: str
+    width: int
+    height: int
+    mode: str
+    attempt: int
+    params: SamplingParams
+    received_at: float  # time.monotonic()
+    finished_at: float | None = None
+    status: int | None = None  # None when dropped or cancelled
+    outcome: Literal["pending", "ok", "error", "dropped", "cancelled"] = "pending"
+
+
+def describe(image: Image.Image) -> str:
+    """Default OCR text: ``page N`` for marked pages, else ``image WxH``."""
+    page = page_id_of(image)
+    return f"page {page}" if page is not None else f"image {image.width}x{image.height}"
+
+
+def default_responder(request: StubRequest) -> Reply:
+    return Reply(text=describe(request.image))
+
+
+class _Violation(Exception):
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.message, self.status = message, status
+
+
+def error_body(status: int, message: str) -> dict[str, Any]:
+    """vLLM's ErrorResponse: ``{"error": {"message", "type", "param", "code"}}``."""
+    kind = HTTPStatus(status).phrase.replace(" ", "").replace("-", "") + "Error"
+    if status == 400:
+        kind = "BadRequestError"
+    return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+
+
+def _number(body: dict[str, Any], key: str) -> float:
+    value = body.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _Violation(f"{key} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _image_tokens(width: int, height: int) -> int:
+    """Pixtral-style estimate: one token per 28x28 merged patch plus a row break each row."""
+    cols, rows = math.ceil(width / 28), math.ceil(height / 28)
+    return cols * rows + rows
+
+
+class StubVLLM:
+    """vLLM stand-in on 127.0.0.1 with thread-safe telemetry; start it once, stop it once.
+
+    The port is bound in ``__init__`` (``port=0`` picks a free one), so ``base_url`` is
+    valid before ``start()``. Telemetry is updated before each response is written.
+    """
+
+    def __init__(
+        self,
+        responder: Responder | None = None,
+        *,
+        model: str = DEFAULT_MODEL,
+        api_key: str | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        max_model_len: int = MAX_MODEL_LEN,
+        max_edge: int = MAX_EDGE,
+    ) -> None:
+        self.responder: Responder = responder or default_responder
+        self.model, self.api_key = model, api_key
+        self.max_model_len, self.max_edge = max_model_len, max_edge
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))  # bound now, so the port is known and race-free
+        self.host, self.port = host, self._sock.getsockname()[1]
+        config = uvicorn.Config(
+            self._app, log_level="warning", access_log=False, lifespan="off", interface="asgi3",
+            loop="asyncio", proxy_headers=False, timeout_graceful_shutdown=1,
+        )  # fmt: skip
+        self._server = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
+        self._cond = threading.Condition(threading.RLock())
+        self._in_flight = 0
+        self._requests: list[RequestRecord] = []
+        self._violations: list[str] = []
+        self._per_sha: Counter[str] = Counter()
+        self._completed = self._cancelled = self._dropped = self._max_in_flight = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def root_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """OpenAI-style base URL, e.g. ``http://127.0.0.1:PORT/v1``."""
+        return f"{self.root_url}/v1"
+
+    def start(self, timeout: float = 10.0) -> Self:
+        """Serve from a daemon thread with its own event loop; returns once accepting."""
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._sock]}, name=f"StubVLLM:{self.port}", daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("stub vLLM server failed to start")
+            time.sleep(0.005)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Graceful shutdown (in-flight requests get ~1 s), then join the thread."""
+        if self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                self._server.force_exit = True
+                self._thread.join(timeout)
+            self._thread = None
+        self._sock.close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def serve_forever(self) -> None:
+        """Block in the calling (main) thread; Ctrl-C/SIGTERM stop it cleanly."""
+        self._server.run(sockets=[self._sock])
+
+    # ------------------------------------------------------------------ telemetry
+    def reset(self) -> None:
+        """Forget all telemetry (in_flight keeps counting requests still running)."""
+        with self._cond:
+            self._requests, self._violations, self._per_sha = [], [], Counter()
+            self._completed = self._cancelled = self._dropped = self._max_in_flight = 0
+
+    @property
+    def requests(self) -> list[RequestRecord]:
+        """Validated chat requests in arrival order (a copy)."""
+        with self._cond:
+            return list(self._requests)
+
+    @property
+    def violations(self) -> list[str]:
+        with self._cond:
+            return list(self._violations)
+
+    @property
+    def per_sha(self) -> dict[str, int]:
+        """How many validated requests each PNG sha256 received."""
+        with self._cond:
+            return dict(self._per_sha)
+
+    def count_for(self, sha256: str) -> int:
+        with self._cond:
+            return self._per_sha[sha256]
+
+    @property
+    def completed(self) -> int:
+        """Chat requests answered with 200."""
+        with self._cond:
+            return self._completed
+
+    @property
+    def cancelled(self) -> int:
+        """Chat requests whose client disconnected before the answer (vLLM aborts these)."""
+        with self._cond:
+            return self._cancelled
+
+    @property
+    def dropped(self) -> int:
+        with self._cond:
+            return self._dropped
+
+    @property
+    def in_flight(self) -> int:
+        with self._cond:
+            return self._in_flight
+
+    @property
+    def max_in_flight(self) -> int:
+        with self._cond:
+            return self._max_in_flight
+
+    def wait_until(self, predicate: Callable[[StubVLLM], bool], timeout: float = 5.0) -> None:
+        """Block until ``predicate(stub)`` holds (re-checked on every telemetry change)."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: predicate(self), timeout):
+                raise TimeoutError("stub condition not reached")
+
+    def _update(self, fn: Callable[[], None]) -> None:
+        with self._cond:
+            fn()
+            self._cond.notify_all()
+
+    def _violation(self, message: str) -> None:
+        self._update(lambda: self._violations.append(message))
+
+    # ------------------------------------------------------------------ ASGI app
+    async def _app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        request = Request(scope, receive)
+        method, path = request.method, request.url.path
+        routes = {"/health": "GET", "/v1/models": "GET", "/v1/chat/completions": "POST"}
+        response: Response
+        if path not in routes or routes[path] != method:
+            self._violation(f"unexpected {method} {path}")
+            status = 404 if path not in routes else 405
+            response = JSONResponse({"detail": HTTPStatus(status).phrase}, status)
+        elif (
+            path.startswith("/v1/")
+            and self.api_key is not None
+            and request.headers.get("authorization") != f"Bearer {self.api_key}"
+        ):
+            self._violation(f"unauthorized {method} {path}")
+            response = JSONResponse({"error": "Unauthorized"}, 401)  # vLLM's exact 401 body
+        elif path == "/health":
+            response = Response(status_code=200)
+        elif path == "/v1/models":
+            card = {
+                "id": self.model,
+                "object": "model",
+                "created": int(time.time()),
+                "owned_by": "vllm",
+                "root": self.model,
+                "parent": None,
+                "max_model_len": self.max_model_len,
+            }
+            response = JSONResponse({"object": "list", "data": [card]})
+        else:
+            await self._chat(request, send)
+            return
+        await response(scope, receive, send)
+
+    async def _chat(self, request: Request, send: Send) -> None:
+        """Count the request as in flight until its outcome is recorded.
+
+        Telemetry is updated *before* the response is written, so a client that has its
+        answer can assert on counters without racing the server.
+        """
+        held = True
+
+        def release(change: Callable[[], None] = lambda: None) -> None:
+            def apply() -> None:
+                nonlocal held
+                change()
+                if held:
+                    held = False
+                    self._in_flight -= 1
+
+            self._update(apply)
+
+        def enter() -> None:
+            self._in_flight += 1
+            self._max_in_flight = max(self._max_in_flight, self._in_flight)
+
+        self._update(enter)
+        try:
+            await self._handle_chat(request, send, release)
+        finally:
+            release()
+
+    async def _handle_chat(self, request: Request, send: Send, release: Callable[[Callable[[], None]], None]) -> None:
+        body = await request.body()
+        try:
+            image, png, params = self._validate(request, body)
+        except _Violation as v:
+            violation = v
+            release(lambda: self._violations.append(violation.message))
+            response = JSONResponse(error_body(v.status, v.message), v.status)
+            await response(request.scope, request.receive, send)
+            return
+
+        sha = hashlib.sha256(png).hexdigest()
+        with self._cond:
+            self._per_sha[sha] += 1
+            attempt = self._per_sha[sha]
+            record = RequestRecord(
+                len(self._requests), sha, image.width, image.height, image.mode,
+                attempt, params, time.monotonic(),
+            )  # fmt: skip
+            self._requests.append(record)
+            self._cond.notify_all()
+        rgb = image.convert("RGB")
+        stub_request = StubRequest(rgb, sha, params, body, attempt, image.mode)
+
+        # Race the responder against a client disconnect, like vLLM aborting the request.
+        work = asyncio.ensure_future(self._produce(stub_request))
+        gone = asyncio.ensure_future(request.receive())
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # stop() timed out on us: vanish like a killed vLLM
+            work.cancel()
+            release(self._finish(record, None, "dropped"))
+            self._abort(send)
+            return
+        finally:
+            gone.cancel()
+        if not work.done():
+            work.cancel()
+            release(self._finish(record, None, "cancelled"))
+            return
+        try:
+            reply = work.result()
+        except Exception as exc:  # a broken responder is a test bug: make it loud
+            message = f"responder raised {exc!r}"
+            self._update(lambda: self._violations.append(message))
+            reply = Reply(status=500, message=message)
+
+        if reply.drop_connection:
+            release(self._finish(record, None, "dropped"))
+            self._abort(send)
+            return
+        payload: dict[str, Any]
+        if reply.status != 200:
+            message = reply.message or HTTPStatus(reply.status).phrase
+            payload = error_body(reply.status, message)
+        else:
+            payload = self._completion(stub_request, reply)
+        release(self._finish(record, reply.status, "ok" if reply.status == 200 else "error"))
+        await JSONResponse(payload, reply.status)(request.scope, request.receive, send)
+
+    async def _produce(self, request: StubRequest) -> Reply:
+        result = self.responder(request)
+        reply = await result if inspect.isawaitable(result) else result
+        if reply.delay_s > 0:
+            await asyncio.sleep(reply.delay_s)
+        return reply
+
+    def _finish(
+        self, record: RequestRecord, status: int | None, outcome: Literal["ok", "error", "dropped", "cancelled"]
+    ) -> Callable[[], None]:
+        def apply() -> None:
+            record.finished_at = time.monotonic()
+            record.status, record.outcome = status, outcome
+            self._completed += outcome == "ok"
+            self._cancelled += outcome == "cancelled"
+            self._dropped += outcome == "dropped"
+
+        return apply
+
+    @staticmethod
+    def _abort(send: Send) -> None:
+        """Close the TCP connection without a single response byte, like a crashed vLLM.
+
+        The client reads EOF right after sending its request; httpx raises
+        ``RemoteProtocolError("Server disconnected without sending a response.")``.
+        uvicorn's ``send`` is a bound method of its per-request cycle, which owns the transport.
+        """
+        cycle: Any = getattr(send, "__self__", None)
+        transport = getattr(cycle, "transport", None)
+        if not isinstance(transport, asyncio.Transport):
+            raise TypeError("drop_connection needs uvicorn's HTTP protocol")
+        transport.abort()
+        cycle.disconnected = True  # as connection_lost() will: stops uvicorn from sending a 500
+
+    def _validate(self, request: Request, body: bytes) -> tuple[Image.Image, bytes, SamplingParams]:
+        if not request.headers.get("content-type", "").startswith("application/json"):
+            raise _Violation(f"content-type must be application/json, got {request.headers.get('content-type')!r}")
+        try:
+            data = json.loads(body)
+        except ValueError as exc:
+            raise _Violation(f"body is not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise _Violation("body must be a JSON object")
+        if set(data) != ALLOWED_KEYS:
+            extra, missing = (sorted(set(data) - ALLOWED_KEYS), sorted(ALLOWED_KEYS - set(data)))
+            raise _Violation(f"body keys must be exactly {sorted(ALLOWED_KEYS)}: extra={extra} missing={missing}")
+        if data["model"] != self.model:
+            raise _Violation(f"The model `{data['model']}` does not exist.", 404)  # vLLM says 404 here
+        temperature, top_p = _number(data, "temperature"), _number(data, "top_p")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise _Violation(f"temperature must be >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+        max_tokens = data["max_tokens"]
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise _Violation(f"max_tokens must be a positive integer, got {max_tokens!r}")
+
+        match data["messages"]:
+            case [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(url), **r3}, **r2}], **r1}
+            ]:
+                if r1 or r2 or r3:
+                    raise _Violation(f"messages must be exactly {EXPECTED_MESSAGES}; extra keys {[*r1, *r2, *r3]}")
+            case other:
+                raise _Violation(f"messages must be exactly {EXPECTED_MESSAGES}, got {json.dumps(other)[:300]}")
+        if not url.startswith(DATA_URL_PREFIX):
+            raise _Violation(f"image url must start with {DATA_URL_PREFIX!r}, got {url[:40]!r}")
+        try:
+            png = base64.b64decode(url[len(DATA_URL_PREFIX) :], validate=True)
+        except binascii.Error as exc:
+            raise _Violation(f"invalid base64 image: {exc}") from None
+        if not png.startswith(PNG_MAGIC):
+            raise _Violation(f"image is not a PNG (starts with {png[:8]!r})")
+        try:
+            image = Image.open(io.BytesIO(png))
+            image.load()
+        except (OSError, SyntaxError, ValueError) as exc:  # what Pillow raises on corrupt data
+            raise _Violation(f"PNG does not decode: {exc!r}") from None
+        if image.format != "PNG":
+            raise _Violation(f"image decodes as {image.format}, not PNG")
+        if max(image.size) > self.max_edge:
+            raise _Violation(f"image {image.width}x{image.height} exceeds longest edge {self.max_edge}")
+        prompt_tokens = _image_tokens(*image.size) + 10
+        if prompt_tokens + max_tokens > self.max_model_len:
+            raise _Violation(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, "
+                f"{max_tokens} in the completion)."
+            )
+        return image, png, SamplingParams(temperature, top_p, max_tokens)
+
+    def _completion(self, request: StubRequest, reply: Reply) -> dict[str, Any]:
+        text = describe(request.image) if reply.text is None else reply.text
+        tokens = reply.completion_tokens
+        if tokens is None:
+            tokens = request.params.max_tokens if reply.finish_reason == "length" else len(text.split())
+        prompt = _image_tokens(*request.image.size) + 10
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": text,
+            "refusal": None,
+            "tool_calls": [],
+            "reasoning_content": None,
+        }
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "logprobs": None,
+                    "finish_reason": reply.finish_reason,
+                    "stop_reason": None,
+                }
+            ],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": tokens, "total_tokens": prompt + tokens},
+            "system_fingerprint": None,
+            "prompt_logprobs": None,
+        }
+
+
+@dataclass
+class _LatencyResponder:
+    latency_s: float = 0.0
+
+    def __call__(self, request: StubRequest) -> Reply:
+        return Reply(text=describe(request.image), delay_s=self.latency_s)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the stub as a standalone server (for benchmark scripts)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--api-key")
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="per-request answer delay")
+    args = parser.parse_args(argv)
+    stub = StubVLLM(
+        _LatencyResponder(args.latency_ms / 1000),
+        model=args.model,
+        api_key=args.api_key,
+        host=args.host,
+        port=args.port,
+    )
+    print(f"stub vLLM serving {args.model} at {stub.base_url}", flush=True)
+    # uvicorn re-raises the signal after a graceful stop; turn SIGTERM into SystemExit
+    # so the summary below is still printed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with contextlib.suppress(KeyboardInterrupt, SystemExit):
+        stub.serve_forever()
+    print(f"completed={stub.completed} max_in_flight={stub.max_in_flight} violations={len(stub.violations)}")
+    for violation in stub.violations[:20]:
+        print(f"violation: {violation}")
+
+
+if __name__ == "__main__":
+    main()

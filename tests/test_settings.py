@@ -1,0 +1,53 @@
+"""Settings: the specified defaults, and start-up errors that name the variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app.settings import Device, ModelSource, SettingsError, load_settings
+
+
+def test_specified_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = load_settings(_env_file=None)
+    assert settings.project_name == "LightOnOCR-Service"
+    assert settings.model_source is ModelSource.HUGGINGFACE
+    assert settings.model_name == "lightonai/LightOnOCR-2-1B"
+    assert settings.model_cache_dir == Path("Model")
+    assert settings.device is Device.CUDA
+    assert settings.max_file_size_mb == 10
+    assert settings.vllm_base_url == "http://localhost:8001/v1"
+    assert (settings.max_new_tokens, settings.temperature, settings.top_p) == (4096, 0.2, 0.9)
+    assert settings.max_concurrent_pages == 64
+    assert settings.model_version == "lightonocr-2-1b"
+
+
+def test_environment_and_dotenv(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("MODEL_SOURCE=vllm\nMAX_PAGES=7\n")
+    monkeypatch.setenv("MAX_PAGES", "9")  # the environment wins over .env
+    settings = load_settings(_env_file=env_file)
+    assert settings.model_source is ModelSource.VLLM
+    assert settings.max_pages == 9
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("MODEL_SOURCE", "tensorflow"),
+        ("DEVICE", "tpu"),
+        ("MAX_FILE_SIZE_MB", "-1"),
+        ("TEMPERATURE", "hot"),
+        ("VLLM_BASE_URL", "localhost:8001"),
+        ("MAX_CONCURRENT_PAGES", "0"),
+    ],
+)
+def test_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError, match=variable):
+        load_settings(_env_file=None)
+
+
+def test_local_model_directory_version() -> None:
+    assert load_settings(_env_file=None, model_name="/models/LightOnOCR-2-1B/").model_version == "lightonocr-2-1b"
