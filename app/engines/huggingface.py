@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import anyio
 import torch
 from PIL import Image
 from transformers import LightOnOcrForConditionalGeneration, LightOnOcrProcessor
+from transformers.utils import logging as hf_logging
 
 from app.engines.base import EngineBase, EngineInfo, Sampling
 from app.errors import EngineError, EngineNotReady, EngineUnavailable
@@ -63,6 +65,8 @@ class HuggingFaceEngine(EngineBase):
         self._stop_ids: set[int] = set()
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._batcher: asyncio.Task[None] | None = None
+        # Sizes of recent `generate` batches: the evidence that concurrent pages are decoded together.
+        self.batch_sizes: deque[int] = deque(maxlen=1000)
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -79,6 +83,7 @@ class HuggingFaceEngine(EngineBase):
             settings.model_cache_dir.mkdir(parents=True, exist_ok=True)
             kwargs["cache_dir"] = str(settings.model_cache_dir)
         log.info("loading %s on %s (%s)", source, device, dtype_for(device))
+        hf_logging.disable_progress_bar()
         try:
             # Explicit classes: the hub config says mistral3/Pixtral, which Auto* would pick wrongly.
             processor = LightOnOcrProcessor.from_pretrained(source, **kwargs)
@@ -141,6 +146,7 @@ class HuggingFaceEngine(EngineBase):
                         batch.append(await self._queue.get())
             live = [p for p in batch if not p.future.done()]  # callers may have gone away
             for group in _group_by_sampling(live):
+                self.batch_sizes.append(len(group))
                 try:
                     results = await anyio.to_thread.run_sync(self._generate, group)
                 except Exception as exc:  # one failed batch must not stop the batcher
