@@ -83,7 +83,7 @@ class HuggingFaceEngine(EngineBase):
             settings.model_cache_dir.mkdir(parents=True, exist_ok=True)
             kwargs["cache_dir"] = str(settings.model_cache_dir)
         log.info("loading %s on %s (%s)", source, device, dtype_for(device))
-        hf_logging.disable_progress_bar()
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
         try:
             # Explicit classes: the hub config says mistral3/Pixtral, which Auto* would pick wrongly.
             processor = LightOnOcrProcessor.from_pretrained(source, **kwargs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import uvicorn
 
@@ -13,7 +13,7 @@ import uvicorn
 class ServedApp:
     """`with ServedApp(app) as served: httpx.get(served.url + "/health")`."""
 
-    def __init__(self, app: Any, *, lifespan: str = "on", graceful_s: int = 1) -> None:
+    def __init__(self, app: Any, *, lifespan: Literal["auto", "on", "off"] = "on", graceful_s: int = 1) -> None:
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", 0))  # bound now, so the port is known and race-free
