@@ -21,11 +21,19 @@ handler and clients can branch on `code` without parsing messages.
     │   ├── TooManyPages (422 too_many_pages)
     │   ├── ImageTooLarge (422 image_too_large)
     │   └── InvalidPages (422 invalid_pages)
+    ├── Unauthorized (401 unauthorized, WWW-Authenticate)
     ├── EngineError (502 engine_error)
+    │   ├── DocumentFailed (502 document_failed)
     │   └── EngineTimeout (504 engine_timeout)
-    └── ServiceUnavailable (503 service_unavailable, Retry-After)
-        ├── EngineNotReady (503 engine_not_ready)
-        └── EngineUnavailable (503 engine_unavailable)
+    ├── RequestTimeout (504 request_timeout)
+    └── Retryable (carries Retry-After)
+        ├── TooManyRequests (429 too_many_requests)
+        │   ├── RateLimited (429 rate_limited)
+        │   └── TooManyPagesInFlight (429 too_many_pages_in_flight)
+        └── ServiceUnavailable (503 service_unavailable)
+            ├── Overloaded (503 overloaded)
+            ├── EngineNotReady (503 engine_not_ready)
+            └── EngineUnavailable (503 engine_unavailable)
 """
 
 from __future__ import annotations
@@ -131,15 +139,50 @@ class EngineTimeout(EngineError):
     code = "engine_timeout"
 
 
-class ServiceUnavailable(OCRError):
-    """Temporary: the caller should retry after `retry_after` seconds."""
+class DocumentFailed(EngineError):
+    """Too many pages failed for the document to count as read (MAX_FAILED_PAGE_RATIO)."""
 
-    status = 503
-    code = "service_unavailable"
+    code = "document_failed"
+
+
+class RequestTimeout(OCRError):
+    status = 504
+    code = "request_timeout"
+
+
+class Unauthorized(OCRError):
+    status = 401
+    code = "unauthorized"
+
+
+class Retryable(OCRError):
+    """Temporary: the caller should retry after `retry_after` seconds (sent as Retry-After)."""
 
     def __init__(self, message: str, *, retry_after: int = 5, **details: Any) -> None:
         super().__init__(message, **details)
         self.retry_after = retry_after
+
+
+class TooManyRequests(Retryable):
+    status = 429
+    code = "too_many_requests"
+
+
+class RateLimited(TooManyRequests):
+    code = "rate_limited"
+
+
+class TooManyPagesInFlight(TooManyRequests):
+    code = "too_many_pages_in_flight"
+
+
+class ServiceUnavailable(Retryable):
+    status = 503
+    code = "service_unavailable"
+
+
+class Overloaded(ServiceUnavailable):
+    code = "overloaded"
 
 
 class EngineNotReady(ServiceUnavailable):

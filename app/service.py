@@ -1,31 +1,59 @@
-"""The OCR core: document bytes in, `DocumentResult` out.
+"""The OCR core: document bytes in, `DocumentResult` (or pages as they finish) out.
 
-`OCRService` owns the engine's life cycle and readiness, and runs documents
-through intake → engine → post-processing. The HTTP API and the CLI are thin
-faces over it; nothing here knows about FastAPI.
+`OCRService` owns the engine's life cycle and readiness, admits documents
+(limits, per-client fairness, overload), and runs their pages through
+intake → engine → quality checks → post-processing. The HTTP API and the CLI
+are thin faces over it; nothing here knows about FastAPI.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from functools import partial
 
 import anyio
 
+from app.admission import Admission, FairScheduler, Ticket
 from app.blocks import parse_blocks
 from app.engines import Engine, Sampling, build_engine
-from app.errors import EngineNotReady, EngineUnavailable, TooManyPages
+from app.errors import (
+    DocumentFailed,
+    EngineNotReady,
+    EngineUnavailable,
+    OCRError,
+    RequestTimeout,
+    ServiceUnavailable,
+    TooManyPages,
+)
 from app.intake import Document, IntakeLimits, open_document, parse_page_selection
 from app.postprocess import repair_escaped_dollars
-from app.results import DocumentResult, PageResult
+from app.quality import is_repetitive
+from app.results import DocumentResult, Generation, PageError, PageResult, PageStatus
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
 PAGE_SEPARATOR = "\n\n"
+ANONYMOUS = "anonymous"
+
+
+@dataclass
+class Job:
+    """A document admitted for recognition: opened, pages selected, capacity reserved."""
+
+    document: Document
+    pages: list[int]  # 0-based indices, in document order
+    ticket: Ticket
+
+    @property
+    def total(self) -> int:
+        return len(self.pages)
 
 
 class OCRService:
@@ -34,6 +62,17 @@ class OCRService:
         self.engine = engine if engine is not None else build_engine(settings)
         self._startup: asyncio.Task[None] | None = None
         self._limits = IntakeLimits(max_image_pixels=settings.max_image_pixels)
+        self.admission = Admission(
+            max_queued=settings.max_queued_pages,
+            per_client=settings.key_max_pages_in_flight,
+            pages_per_minute=settings.rate_limit_pages_per_min,
+            retry_after=settings.retry_after_s,
+        )
+        window = self.engine.info().max_pages_in_flight
+        # A few pages beyond the engine's window are rendered ahead so encoding overlaps inference.
+        self.scheduler = FairScheduler(window + max(2, window // 4))
+
+    # -- life cycle ----------------------------------------------------------------------
 
     async def start(self, *, wait: bool = False) -> None:
         """Start the engine in the background so probes answer while weights load."""
@@ -72,12 +111,7 @@ class OCRService:
         self.check_started()
         await self.engine.check_health()
 
-    def default_sampling(self) -> Sampling:
-        return Sampling(
-            temperature=self.settings.temperature,
-            top_p=self.settings.top_p,
-            max_new_tokens=self.settings.max_new_tokens,
-        )
+    # -- admission -----------------------------------------------------------------------
 
     async def open(self, data: bytes, *, password: str | None = None) -> Document:
         return await anyio.to_thread.run_sync(partial(open_document, data, limits=self._limits, password=password))
@@ -93,51 +127,182 @@ class OCRService:
             )
         return indices
 
-    async def recognize(self, data: bytes, *, pages: str | None = None, password: str | None = None) -> DocumentResult:
+    @contextlib.asynccontextmanager
+    async def admit(
+        self, data: bytes, *, pages: str | None = None, password: str | None = None, client: str = ANONYMOUS
+    ) -> AsyncIterator[Job]:
+        """Open, select and reserve capacity, or refuse at once; always releases both."""
         self.check_started()
         document = await self.open(data, password=password)
         try:
             indices = self.select_pages(document, pages)
-            results = await self.recognize_pages(document, indices)
+            ticket = self.admission.admit(client, len(indices))
+            try:
+                yield Job(document=document, pages=indices, ticket=ticket)
+            finally:
+                ticket.close()
         finally:
             await anyio.to_thread.run_sync(document.close)
-        return self.assemble(results)
 
-    async def recognize_pages(self, document: Document, indices: list[int]) -> list[PageResult]:
-        """Recognise pages concurrently, rendering each only when a window slot is free."""
-        window = asyncio.Semaphore(self.engine.info().max_pages_in_flight)
-        sampling = self.default_sampling()
+    # -- recognition ---------------------------------------------------------------------
 
-        async def one(index: int) -> PageResult:
-            async with window:
-                return await self.recognize_page(document, index, sampling)
+    async def recognize(
+        self, data: bytes, *, pages: str | None = None, password: str | None = None, client: str = ANONYMOUS
+    ) -> DocumentResult:
+        async with self.admit(data, pages=pages, password=password, client=client) as job:
+            done: list[PageResult] = []
+            try:
+                async with asyncio.timeout(self.settings.request_timeout_s):
+                    async for page in self.iter_pages(job):
+                        done.append(page)
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"the document was not finished within {self.settings.request_timeout_s:g}s "
+                    f"(REQUEST_TIMEOUT_S): {len(done)} of {job.total} pages done",
+                    pages_done=len(done),
+                    pages_total=job.total,
+                ) from None
+        return self.assemble(done)
 
+    async def iter_pages(
+        self, job: Job, *, skip: frozenset[int] = frozenset(), on_start: Callable[[int], None] | None = None
+    ) -> AsyncIterator[PageResult]:
+        """Yield pages as they finish (any order). Closing the iterator cancels pages not yet done.
+
+        Pages are rendered only once they hold an engine slot, so memory is bounded
+        by the scheduler's slots, not by the document's length. A failed page is
+        yielded with status `failed`; an unavailable engine aborts the document.
+        """
+        results: asyncio.Queue[PageResult | BaseException] = asyncio.Queue()
+        todo = [index for index in job.pages if index + 1 not in skip]
+
+        async def one(index: int) -> None:
+            try:
+                async with self.scheduler.slot(job.ticket.client):
+                    if on_start is not None:
+                        on_start(index + 1)
+                    result = await self.recognize_page(job.document, index)
+            except BaseException as exc:  # handed to the consumer, which decides
+                results.put_nowait(exc)
+                raise
+            job.ticket.release()
+            results.put_nowait(result)
+
+        tasks = [asyncio.create_task(one(index), name=f"page-{index + 1}") for index in todo]
         try:
-            async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(one(index)) for index in indices]
-        except BaseExceptionGroup as failure:
-            raise failure.exceptions[0] from None
-        return [task.result() for task in tasks]
+            for _ in todo:
+                item = await results.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def recognize_page(self, document: Document, index: int, sampling: Sampling) -> PageResult:
+    async def recognize_page(self, document: Document, index: int) -> PageResult:
+        """Render, then generate with the temperature ladder until a clean attempt."""
         started = time.perf_counter()
-        image = await anyio.to_thread.run_sync(document.render, index)
+        number = index + 1
+        try:
+            image = await anyio.to_thread.run_sync(document.render, index)
+        except OCRError as exc:
+            return _failed_page(number, exc, started, attempts=0)
         width, height = image.size
-        generation = await self.engine.recognize(image, sampling)
+        temperatures = [self.settings.temperature, *self.settings.retry_temperatures]
+        best: tuple[int, Generation] | None = None
+        attempts = 0
+        for temperature in temperatures:
+            sampling = Sampling(temperature, self.settings.top_p, self.settings.max_new_tokens)
+            attempts += 1
+            try:
+                generation = await self.engine.recognize(image, sampling)
+            except ServiceUnavailable:
+                raise
+            except OCRError as exc:
+                if best is None:
+                    return _failed_page(number, exc, started, attempts, width, height)
+                break
+            generation = dataclasses.replace(generation, text=repair_escaped_dollars(generation.text))
+            rank = _rank(generation)
+            if best is None or rank < best[0]:
+                best = (rank, generation)
+            if rank == 0:
+                break
+            log.info("page %d attempt %d at T=%.2f is %s; retrying", number, attempts, temperature, _RANKS[rank])
+        assert best is not None
+        rank, kept = best
+        status: PageStatus = ("ok" if attempts == 1 else "retried") if rank == 0 else _status_of(kept)
         return PageResult(
-            page=index + 1,
-            text=repair_escaped_dollars(generation.text),
+            page=number,
+            text=kept.text,
             width=width,
             height=height,
-            finish_reason=generation.finish_reason,
-            tokens=generation.tokens,
+            finish_reason=kept.finish_reason,
+            tokens=kept.tokens,
             seconds=round(time.perf_counter() - started, 4),
+            status=status,
+            attempts=attempts,
         )
 
     def assemble(self, pages: list[PageResult]) -> DocumentResult:
+        """Order pages, apply MAX_FAILED_PAGE_RATIO, and build the document's text and blocks."""
+        pages = sorted(pages, key=lambda page: page.page)
+        failed = [page for page in pages if page.status == "failed"]
+        if failed and len(failed) / len(pages) > self.settings.max_failed_page_ratio:
+            raise _document_failure(failed, len(pages), self.settings.max_failed_page_ratio)
         return DocumentResult(
-            text=PAGE_SEPARATOR.join(page.text for page in pages),
+            status="ok" if all(page.status in ("ok", "retried") for page in pages) else "partial",
+            text=PAGE_SEPARATOR.join(page.text for page in pages if page.status != "failed"),
             blocks=[block for page in pages for block in parse_blocks(page.text, page.page)],
             model_version=self.settings.model_version,
             pages=pages,
+            failed_pages=[page.page for page in failed],
         )
+
+
+# Lower is better: a clean page, then one that stopped but loops, then truncated ones.
+_RANKS = ("clean", "repetitive", "truncated", "truncated and repetitive")
+
+
+def _rank(generation: Generation) -> int:
+    repetitive = is_repetitive(generation.text)
+    if generation.finish_reason == "length":
+        return 3 if repetitive else 2
+    return 1 if repetitive else 0
+
+
+def _status_of(generation: Generation) -> PageStatus:
+    return "repetitive" if is_repetitive(generation.text) else "truncated"
+
+
+def _failed_page(
+    number: int, exc: OCRError, started: float, attempts: int, width: int | None = None, height: int | None = None
+) -> PageResult:
+    log.warning("page %d failed: %s %s", number, exc.code, exc.message)
+    result = PageResult(
+        page=number,
+        text="",
+        width=width,
+        height=height,
+        finish_reason=None,
+        tokens=0,
+        seconds=round(time.perf_counter() - started, 4),
+        status="failed",
+        attempts=attempts,
+        error=PageError(code=exc.code, message=exc.message),
+    )
+    result.exception = exc
+    return result
+
+
+def _document_failure(failed: list[PageResult], total: int, ratio: float) -> OCRError:
+    """Every page failed the same way (say, one corrupt image): that error. Otherwise `document_failed`."""
+    errors = [page.exception for page in failed if page.exception is not None]
+    if len(failed) == total and errors and len({type(error) for error in errors}) == 1:
+        return errors[0]
+    return DocumentFailed(
+        f"{len(failed)} of {total} pages failed (more than MAX_FAILED_PAGE_RATIO={ratio:g})",
+        failed_pages=[page.page for page in failed],
+        errors=sorted({page.error.code for page in failed if page.error is not None}),
+    )

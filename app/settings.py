@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class ModelSource(StrEnum):
@@ -29,6 +29,15 @@ class Device(StrEnum):
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
+# Lists come as comma-separated strings in the environment (`A,B,C`), not JSON.
+CommaList = Annotated[list[str], NoDecode]
+FloatList = Annotated[list[float], NoDecode]
+
+
+def _split_commas(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
 
 
 class Settings(BaseSettings):
@@ -55,6 +64,24 @@ class Settings(BaseSettings):
     temperature: Annotated[float, Field(ge=0, le=2)] = 0.2
     top_p: Annotated[float, Field(gt=0, le=1)] = 0.9
 
+    # Runaway generations: a page that hits the token limit or loops is retried at these
+    # temperatures in turn (bounded attempts), and the best attempt is kept.
+    retry_temperatures: Annotated[FloatList, Field(max_length=5)] = [0.4, 0.7]
+    # A document fails as a whole when more than this share of its pages failed.
+    max_failed_page_ratio: Annotated[float, Field(ge=0, le=1)] = 0.5
+
+    # Overload and time.
+    max_queued_pages: PositiveInt = 1024
+    request_timeout_s: PositiveFloat = 900
+    shutdown_grace_s: PositiveFloat = 30
+
+    # Keys and per-client limits.
+    api_keys: CommaList = []
+    api_keys_file: Path | None = None
+    key_max_pages_in_flight: PositiveInt | None = 256
+    rate_limit_pages_per_min: PositiveInt | None = None
+    cors_origins: CommaList = []
+
     # Documents.
     max_pages: PositiveInt = 100
     max_image_pixels: PositiveInt = 80_000_000
@@ -76,6 +103,18 @@ class Settings(BaseSettings):
     # Probes.
     retry_after_s: PositiveInt = 5
 
+    @field_validator("retry_temperatures", "api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _comma_lists(cls, value: object) -> object:
+        return _split_commas(value)
+
+    @field_validator("retry_temperatures")
+    @classmethod
+    def _temperatures_in_range(cls, value: list[float]) -> list[float]:
+        if any(not 0 <= t <= 2 for t in value):
+            raise ValueError("temperatures must be between 0 and 2")
+        return value
+
     @field_validator("vllm_base_url")
     @classmethod
     def _url_has_scheme(cls, value: str) -> str:
@@ -90,10 +129,23 @@ class Settings(BaseSettings):
             raise ValueError("must not be empty")
         return value.strip()
 
-    @field_validator("vllm_api_key", mode="before")
+    @field_validator(
+        "vllm_api_key", "api_keys_file", "key_max_pages_in_flight", "rate_limit_pages_per_min", mode="before"
+    )
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
+
+    def load_api_keys(self) -> frozenset[str]:
+        """API_KEYS plus one key per non-blank, non-comment line of API_KEYS_FILE."""
+        keys = set(self.api_keys)
+        if self.api_keys_file is not None:
+            try:
+                lines = self.api_keys_file.read_text(encoding="utf-8").splitlines()
+            except OSError as exc:
+                raise SettingsError(f"API_KEYS_FILE: cannot read {self.api_keys_file}: {exc}") from None
+            keys.update(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
+        return frozenset(keys)
 
     @property
     def max_file_bytes(self) -> int:

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
-from app.errors import OCRError, ServiceUnavailable
+from app.errors import OCRError, Retryable, Unauthorized
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,11 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 
 async def _ocr_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, OCRError)
-    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, ServiceUnavailable) else None
+    headers = None
+    if isinstance(exc, Retryable):
+        headers = {"Retry-After": str(exc.retry_after)}
+    elif isinstance(exc, Unauthorized):
+        headers = {"WWW-Authenticate": 'Bearer realm="lightonocr"'}
     if exc.status >= 500:
         log.warning("%s %s -> %d %s: %s", request.method, request.url.path, exc.status, exc.code, exc.message)
     return JSONResponse({"error": exc.to_dict()}, status_code=exc.status, headers=headers)
