@@ -10,6 +10,7 @@ handler and clients can branch on `code` without parsing messages.
     │   ├── MultipleFiles (400 multiple_files)
     │   └── MissingFile (422 missing_file)
     ├── UploadTimeout (408 upload_timeout)
+    ├── ClientDisconnected (499 client_closed_request, never seen: the client left)
     ├── PayloadTooLarge (413 file_too_large)
     │   └── FieldTooLarge (413 field_too_large)
     ├── UnsupportedMediaType (415 unsupported_media_type)
@@ -78,6 +79,11 @@ class MissingFile(BadRequest):
 class UploadTimeout(OCRError):
     status = 408
     code = "upload_timeout"
+
+
+class ClientDisconnected(OCRError):
+    status = 499
+    code = "client_closed_request"
 
 
 class PayloadTooLarge(OCRError):

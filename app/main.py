@@ -12,10 +12,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from app import __version__
 from app.api.errors import install_error_handlers
 from app.api.routes import router
+from app.api.security import ApiKeyMiddleware
 from app.engines import Engine
 from app.service import OCRService
 from app.settings import Settings, get_settings
@@ -42,6 +44,18 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     )
     install_error_handlers(app)
     app.include_router(router)
+    keys = settings.load_api_keys()
+    if keys:
+        app.add_middleware(ApiKeyMiddleware, keys=keys)
+    # Added last, so outermost: even a 401 carries CORS headers a browser can read.
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Accept", "X-Request-ID"],
+            expose_headers=["Retry-After", "X-Request-ID", "Location"],
+        )
     return app
 
 

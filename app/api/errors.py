@@ -31,16 +31,20 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
-async def _ocr_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, OCRError)
+def error_json(exc: OCRError) -> JSONResponse:
     headers = None
     if isinstance(exc, Retryable):
         headers = {"Retry-After": str(exc.retry_after)}
     elif isinstance(exc, Unauthorized):
         headers = {"WWW-Authenticate": 'Bearer realm="lightonocr"'}
+    return JSONResponse({"error": exc.to_dict()}, status_code=exc.status, headers=headers)
+
+
+async def _ocr_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, OCRError)
     if exc.status >= 500:
         log.warning("%s %s -> %d %s: %s", request.method, request.url.path, exc.status, exc.code, exc.message)
-    return JSONResponse({"error": exc.to_dict()}, status_code=exc.status, headers=headers)
+    return error_json(exc)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

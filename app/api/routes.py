@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import asyncio
+import contextlib
+from collections.abc import Awaitable
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
@@ -10,8 +13,9 @@ from pydantic import BaseModel, Field
 
 from app import __version__
 from app.api.errors import ErrorResponse
-from app.api.upload import read_upload
-from app.errors import ServiceUnavailable
+from app.api.security import client_id
+from app.api.upload import Upload, read_upload
+from app.errors import ClientDisconnected, ServiceUnavailable
 from app.results import DocumentResult
 from app.service import OCRService
 
@@ -68,18 +72,53 @@ _UPLOAD_SCHEMA: dict[str, Any] = {
     responses=_errors(400, 408, 413, 415, 422, 502, 503, 504),
 )
 async def inference(request: Request, service: Service) -> DocumentResult:
+    upload = await read_document(request, service)
+    return await until_disconnect(
+        request,
+        service.recognize(
+            upload.data,
+            pages=upload.fields.get("pages"),
+            password=upload.fields.get("password") or None,
+            client=client_id(request),
+        ),
+    )
+
+
+async def read_document(request: Request, service: OCRService) -> Upload:
     settings = service.settings
-    upload = await read_upload(
+    return await read_upload(
         request,
         max_file_bytes=settings.max_file_bytes,
         max_field_bytes=settings.max_field_size_kb * 1024,
         timeout_s=settings.upload_timeout_s,
     )
-    return await service.recognize(
-        upload.data,
-        pages=upload.fields.get("pages"),
-        password=upload.fields.get("password") or None,
-    )
+
+
+T = TypeVar("T")
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Run `work`, cancelling it if the client disconnects (after the body was read)."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    raise ClientDisconnected("the client disconnected; its remaining pages were dropped")
 
 
 class Limits(BaseModel):
