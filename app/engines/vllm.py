@@ -86,14 +86,23 @@ class VLLMEngine(EngineBase):
                 retry_after=retry_after,
             )
         try:
-            served = [str(model["id"]) for model in response.json()["data"]]
+            models = {str(model["id"]): model for model in response.json()["data"]}
         except (ValueError, KeyError, TypeError):
             raise EngineUnavailable("vLLM /models answer is not OpenAI-shaped", retry_after=retry_after) from None
-        if self._settings.model_name not in served:
+        model = models.get(self._settings.model_name)
+        if model is None:
             raise EngineUnavailable(
-                f"vLLM server serves {served}, not {self._settings.model_name!r} (MODEL_NAME)",
+                f"vLLM server serves {list(models)}, not {self._settings.model_name!r} (MODEL_NAME)",
                 retry_after=retry_after,
-                served=served,
+                served=list(models),
+            )
+        context = model.get("max_model_len")
+        if isinstance(context, int) and self._settings.max_new_tokens >= context:
+            # vLLM would reject every page with a 400: say so before any page is sent.
+            raise EngineUnavailable(
+                f"MAX_NEW_TOKENS={self._settings.max_new_tokens} does not fit the server's "
+                f"max_model_len={context}: lower MAX_NEW_TOKENS or raise --max-model-len",
+                retry_after=retry_after,
             )
 
     def payload(self, png: bytes, sampling: Sampling) -> dict[str, Any]:

@@ -178,3 +178,10 @@ def test_vllm_serving_another_model_is_not_ready(vllm_service: ServiceFactory) -
     url = vllm_service(model_name="someone/else")
     body = assert_error(httpx.get(f"{url}/ready"), 503, "engine_unavailable")
     assert "someone/else" in body["error"]["message"]
+
+
+def test_max_new_tokens_beyond_server_context_is_not_ready(vllm_service: ServiceFactory) -> None:
+    """The stub reports max_model_len 16384, like vLLM's /v1/models."""
+    url = vllm_service(max_new_tokens=20000)
+    body = assert_error(httpx.get(f"{url}/ready"), 503, "engine_unavailable")
+    assert "MAX_NEW_TOKENS" in body["error"]["message"]
