@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -166,7 +166,7 @@ class OCRService:
 
     async def iter_pages(
         self, job: Job, *, skip: frozenset[int] = frozenset(), on_start: Callable[[int], None] | None = None
-    ) -> AsyncIterator[PageResult]:
+    ) -> AsyncGenerator[PageResult, None]:
         """Yield pages as they finish (any order). Closing the iterator cancels pages not yet done.
 
         Pages are rendered only once they hold an engine slot, so memory is bounded

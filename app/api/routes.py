@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
+from starlette.types import Receive, Scope, Send
 
 from app import __version__
 from app.api.errors import ErrorResponse
@@ -18,6 +19,7 @@ from app.api.upload import Upload, read_upload
 from app.errors import ClientDisconnected, ServiceUnavailable
 from app.results import DocumentResult
 from app.service import OCRService
+from app.streaming import Event, document_events, ndjson, server_sent
 
 API_VERSION = "1.0"
 
@@ -64,24 +66,94 @@ _UPLOAD_SCHEMA: dict[str, Any] = {
 }
 
 
+_STREAM_FORMATS: dict[str, Callable[[Event], bytes]] = {
+    "application/x-ndjson": ndjson,
+    "text/event-stream": server_sent,
+}
+
+_STREAM_DOC = (
+    "Send `Accept: application/x-ndjson` (one JSON object per line) or `Accept: text/event-stream` (SSE) to get "
+    "events as pages finish instead of one JSON body: `start` {total, pages}, then per finished page (completion "
+    "order) `page` {page} and `progress` {done, total}, and last `result` {result: DocumentResult} or `error` "
+    "{error: {code, message}}. Limits are checked before the stream starts, so a refused document still gets its "
+    "4xx status."
+)
+
+
 @router.post(
     "/api/inference",
     response_model=DocumentResult,
     summary="OCR a document into markdown",
+    description="Read every selected page and answer with the document's markdown, typed blocks and per-page "
+    "details. " + _STREAM_DOC,
     openapi_extra=_UPLOAD_SCHEMA,
-    responses=_errors(400, 408, 413, 415, 422, 502, 503, 504),
+    responses={
+        **_errors(400, 401, 408, 413, 415, 422, 429, 502, 503, 504),
+        200: {
+            "description": "The document, or a stream of events (see description).",
+            "content": {"application/x-ndjson": {}, "text/event-stream": {}},
+        },
+    },
 )
-async def inference(request: Request, service: Service) -> DocumentResult:
+async def inference(request: Request, service: Service) -> Response:
     upload = await read_document(request, service)
-    return await until_disconnect(
-        request,
-        service.recognize(
-            upload.data,
-            pages=upload.fields.get("pages"),
-            password=upload.fields.get("password") or None,
-            client=client_id(request),
-        ),
-    )
+    pages = upload.fields.get("pages")
+    password = upload.fields.get("password") or None
+    client = client_id(request)
+    stream_format = _stream_format(request.headers.get("accept", ""))
+    if stream_format is None:
+        result = await until_disconnect(
+            request, service.recognize(upload.data, pages=pages, password=password, client=client)
+        )
+        return JSONResponse(result.model_dump(mode="json"))
+    media_type, encode = stream_format
+    resources = contextlib.AsyncExitStack()
+    async with contextlib.AsyncExitStack() as on_error:
+        on_error.push_async_callback(resources.aclose)
+        job = await resources.enter_async_context(
+            service.admit(upload.data, pages=pages, password=password, client=client)
+        )
+        on_error.pop_all()
+    events = document_events(service, job)
+    return EventStream(events, encode, media_type=media_type, on_close=resources.aclose)
+
+
+def _stream_format(accept: str) -> tuple[str, Callable[[Event], bytes]] | None:
+    for part in accept.split(","):
+        media_type = part.split(";")[0].strip().lower()
+        if media_type in _STREAM_FORMATS:
+            return media_type, _STREAM_FORMATS[media_type]
+    return None
+
+
+class EventStream(StreamingResponse):
+    """Streams events and always releases the document, however the stream ends (even a disconnect)."""
+
+    def __init__(
+        self,
+        events: AsyncGenerator[Event, None],
+        encode: Callable[[Event], bytes],
+        *,
+        media_type: str,
+        on_close: Callable[[], Awaitable[None]],
+    ) -> None:
+        self._events = events
+        self._on_close = on_close
+
+        async def body() -> AsyncIterator[bytes]:
+            async for event in events:
+                yield encode(event)
+
+        super().__init__(
+            body(), media_type=media_type, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._events.aclose()  # cancels pages not started
+            await self._on_close()
 
 
 async def read_document(request: Request, service: OCRService) -> Upload:

@@ -79,6 +79,12 @@ class HuggingFaceEngine(EngineBase):
         device = resolve_device(settings.device)
         source = settings.model_name
         kwargs: dict[str, Any] = {}
+        if _looks_like_path(source) and not Path(source).expanduser().is_dir():
+            raise EngineUnavailable(
+                f"MODEL_NAME {source!r} looks like a local directory but none exists there. Fill it with "
+                f"`huggingface-cli download lightonai/LightOnOCR-2-1B --local-dir {source}` (on a machine with "
+                "network access, then copy it), or set MODEL_NAME to a hub id."
+            )
         if not Path(source).is_dir():
             settings.model_cache_dir.mkdir(parents=True, exist_ok=True)
             kwargs["cache_dir"] = str(settings.model_cache_dir)
@@ -88,7 +94,7 @@ class HuggingFaceEngine(EngineBase):
             # Explicit classes: the hub config says mistral3/Pixtral, which Auto* would pick wrongly.
             processor = LightOnOcrProcessor.from_pretrained(source, **kwargs)
             model = LightOnOcrForConditionalGeneration.from_pretrained(source, dtype=dtype_for(device), **kwargs)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # hub errors are OSError; a malformed repo id is a ValueError
             raise EngineUnavailable(
                 f"cannot load model {source!r}: {exc}. If this machine is offline, download it elsewhere "
                 f"with `huggingface-cli download {source} --cache-dir {settings.model_cache_dir}` and copy "
@@ -130,6 +136,8 @@ class HuggingFaceEngine(EngineBase):
     # -- recognition ------------------------------------------------------------------
 
     async def recognize(self, image: Image.Image, sampling: Sampling) -> Generation:
+        if self._batcher is None or self._batcher.done():
+            raise EngineNotReady("the model is not loaded", retry_after=self._settings.retry_after_s)
         future: asyncio.Future[Generation] = asyncio.get_running_loop().create_future()
         await self._queue.put(_Pending(image, sampling, future))
         return await future
@@ -139,26 +147,35 @@ class HuggingFaceEngine(EngineBase):
         wait_s = self._settings.hf_batch_wait_ms / 1000
         while True:
             batch = [await self._queue.get()]
-            # Give pages that arrive together a moment to join the batch.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait_s):
-                    while len(batch) < max_batch:
-                        batch.append(await self._queue.get())
-            live = [p for p in batch if not p.future.done()]  # callers may have gone away
-            for group in _group_by_sampling(live):
-                self.batch_sizes.append(len(group))
-                try:
-                    results = await anyio.to_thread.run_sync(self._generate, group)
-                except Exception as exc:  # one failed batch must not stop the batcher
-                    log.exception("generate failed for a batch of %d page(s)", len(group))
-                    error = EngineError(f"generation failed: {exc}")
-                    for pending in group:
-                        if not pending.future.done():
-                            pending.future.set_exception(error)
-                    continue
-                for pending, result in zip(group, results, strict=True):
+            try:
+                # Give pages that arrive together a moment to join the batch.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait_s):
+                        while len(batch) < max_batch:
+                            batch.append(await self._queue.get())
+                live = [p for p in batch if not p.future.done()]  # callers may have gone away
+                for group in _group_by_sampling(live):
+                    await self._run_group(group)
+            finally:
+                # On shutdown (cancellation) no caller of this batch may be left waiting.
+                for pending in batch:
                     if not pending.future.done():
-                        pending.future.set_result(result)
+                        pending.future.set_exception(EngineUnavailable("the engine is shutting down"))
+
+    async def _run_group(self, group: list[_Pending]) -> None:
+        self.batch_sizes.append(len(group))
+        try:
+            results = await anyio.to_thread.run_sync(self._generate, group)
+        except Exception as exc:  # one failed batch must not stop the batcher
+            log.exception("generate failed for a batch of %d page(s)", len(group))
+            error = EngineError(f"generation failed: {exc}")
+            for pending in group:
+                if not pending.future.done():
+                    pending.future.set_exception(error)
+            return
+        for pending, result in zip(group, results, strict=True):
+            if not pending.future.done():
+                pending.future.set_result(result)
 
     @torch.inference_mode()
     def _generate(self, group: list[_Pending]) -> list[Generation]:
@@ -192,6 +209,11 @@ class HuggingFaceEngine(EngineBase):
         tokens = row[:end] if end is not None else row
         text = self._processor.tokenizer.decode(tokens, skip_special_tokens=True)
         return Generation(text=text.strip(), finish_reason=finish, tokens=len(tokens))
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are `org/name`; anything absolute, relative-dotted or home-based is meant as a directory."""
+    return name.startswith(("/", "./", "../", "~")) or "\\" in name or name.count("/") > 1
 
 
 def _as_list(value: int | list[int] | None) -> list[int]:

@@ -49,7 +49,8 @@ class VLLMEngine(EngineBase):
             base_url=self._base_url,
             headers=headers,
             timeout=httpx.Timeout(self._settings.vllm_page_timeout_s, connect=10.0),
-            limits=httpx.Limits(max_connections=slots, max_keepalive_connections=slots),
+            # Two connections beyond the page semaphore so /ready's health check never waits behind pages.
+            limits=httpx.Limits(max_connections=slots + 2, max_keepalive_connections=slots + 2),
         )
 
     async def close(self) -> None:
