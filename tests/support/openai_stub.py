@@ -26,7 +26,6 @@ import io
 import json
 import math
 import signal
-import socket
 import sys
 import threading
 import time
@@ -37,13 +36,13 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Literal, Self
 
-import uvicorn
 from PIL import Image
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from tests.support.documents import page_id_of
+from tests.support.server import ServedApp
 
 DEFAULT_MODEL = "lightonai/LightOnOCR-2-1B"
 MAX_MODEL_LEN = 16384
@@ -166,16 +165,8 @@ class StubVLLM:
         self.responder: Responder = responder or default_responder
         self.model, self.api_key = model, api_key
         self.max_model_len, self.max_edge = max_model_len, max_edge
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((host, port))  # bound now, so the port is known and race-free
-        self.host, self.port = host, self._sock.getsockname()[1]
-        config = uvicorn.Config(
-            self._app, log_level="warning", access_log=False, lifespan="off", interface="asgi3",
-            loop="asyncio", proxy_headers=False, timeout_graceful_shutdown=1,
-        )  # fmt: skip
-        self._server = uvicorn.Server(config)
-        self._thread: threading.Thread | None = None
+        self._served = ServedApp(self._app, host=host, port=port, lifespan="off")
+        self.host, self.port = host, self._served.port
         self._cond = threading.Condition(threading.RLock())
         self._in_flight = 0
         self._requests: list[RequestRecord] = []
@@ -195,27 +186,12 @@ class StubVLLM:
 
     def start(self, timeout: float = 10.0) -> Self:
         """Serve from a daemon thread with its own event loop; returns once accepting."""
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [self._sock]}, name=f"StubVLLM:{self.port}", daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("stub vLLM server failed to start")
-            time.sleep(0.005)
+        self._served.start(timeout)
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
         """Graceful shutdown (in-flight requests get ~1 s), then join the thread."""
-        if self._thread is not None:
-            self._server.should_exit = True
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                self._server.force_exit = True
-                self._thread.join(timeout)
-            self._thread = None
-        self._sock.close()
+        self._served.stop(timeout)
 
     def __enter__(self) -> Self:
         return self.start()
@@ -225,7 +201,7 @@ class StubVLLM:
 
     def serve_forever(self) -> None:
         """Block in the calling (main) thread; Ctrl-C/SIGTERM stop it cleanly."""
-        self._server.run(sockets=[self._sock])
+        self._served.serve_forever()
 
     # ------------------------------------------------------------------ telemetry
     def reset(self) -> None:

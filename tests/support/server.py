@@ -13,16 +13,26 @@ import uvicorn
 class ServedApp:
     """`with ServedApp(app) as served: httpx.get(served.url + "/health")`."""
 
-    def __init__(self, app: Any, *, lifespan: Literal["auto", "on", "off"] = "on", graceful_s: int = 1) -> None:
+    def __init__(
+        self,
+        app: Any,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        lifespan: Literal["auto", "on", "off"] = "on",
+        graceful_s: int = 1,
+    ) -> None:
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind(("127.0.0.1", 0))  # bound now, so the port is known and race-free
+        self._sock.bind((host, port))  # bound now, so the port is known and race-free
+        self.host = host
         self.port: int = self._sock.getsockname()[1]
         config = uvicorn.Config(
             app,
             log_level="warning",
             access_log=False,
             lifespan=lifespan,
+            interface="asgi3",  # bound-method apps would otherwise be taken for ASGI2
             loop="asyncio",
             timeout_graceful_shutdown=graceful_s,
         )
@@ -31,7 +41,7 @@ class ServedApp:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def start(self, timeout: float = 30.0) -> Self:
         self._thread = threading.Thread(
@@ -54,6 +64,10 @@ class ServedApp:
                 self._thread.join(timeout)
             self._thread = None
         self._sock.close()
+
+    def serve_forever(self) -> None:
+        """Serve from the calling (main) thread; Ctrl-C/SIGTERM stop it cleanly."""
+        self.server.run(sockets=[self._sock])
 
     def __enter__(self) -> Self:
         return self.start()
