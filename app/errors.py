@@ -8,7 +8,8 @@ handler and clients can branch on `code` without parsing messages.
     ├── BadRequest (400 bad_request)
     │   ├── MalformedRequest (400 malformed_request)
     │   ├── MultipleFiles (400 multiple_files)
-    │   └── MissingFile (422 missing_file)
+    │   ├── MissingFile (422 missing_file)
+    │   └── InvalidCallbackUrl (422 invalid_callback_url)
     ├── UploadTimeout (408 upload_timeout)
     ├── ClientDisconnected (499 client_closed_request, never seen: the client left)
     ├── PayloadTooLarge (413 file_too_large)
@@ -27,6 +28,11 @@ handler and clients can branch on `code` without parsing messages.
     │   ├── DocumentFailed (502 document_failed)
     │   └── EngineTimeout (504 engine_timeout)
     ├── RequestTimeout (504 request_timeout)
+    ├── JobNotFound (404 job_not_found: unknown, another key's, or expired)
+    ├── JobConflict (409 job_conflict)
+    │   ├── JobNotFinished (409 job_not_finished)
+    │   └── JobFailed (409 job_failed)
+    ├── JobsStorageFull (507 jobs_storage_full)
     └── Retryable (carries Retry-After)
         ├── TooManyRequests (429 too_many_requests)
         │   ├── RateLimited (429 rate_limited)
@@ -74,6 +80,11 @@ class MultipleFiles(BadRequest):
 class MissingFile(BadRequest):
     status = 422
     code = "missing_file"
+
+
+class InvalidCallbackUrl(BadRequest):
+    status = 422
+    code = "invalid_callback_url"
 
 
 class UploadTimeout(OCRError):
@@ -154,6 +165,33 @@ class DocumentFailed(EngineError):
 class RequestTimeout(OCRError):
     status = 504
     code = "request_timeout"
+
+
+class JobNotFound(OCRError):
+    status = 404
+    code = "job_not_found"
+
+
+class JobConflict(OCRError):
+    """The job exists but is not in a state that allows the request."""
+
+    status = 409
+    code = "job_conflict"
+
+
+class JobNotFinished(JobConflict):
+    code = "job_not_finished"
+
+
+class JobFailed(JobConflict):
+    code = "job_failed"
+
+
+class JobsStorageFull(OCRError):
+    """JOBS_MAX_BYTES reached: nothing more is stored until older jobs expire."""
+
+    status = 507
+    code = "jobs_storage_full"
 
 
 class Unauthorized(OCRError):

@@ -7,46 +7,63 @@ the weights load and `/ready` turns 200 once they are in.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import Response
 
 from app import __version__
-from app.api.errors import install_error_handlers
+from app.api.errors import document_validation_errors, error_responses, error_table, install_error_handlers
+from app.api.jobs import router as jobs_router
+from app.api.middleware import RequestMiddleware
 from app.api.routes import router
 from app.api.security import ApiKeyMiddleware
 from app.engines import Engine
+from app.jobs import JobRunner
+from app.logs import setup_logging
+from app.metrics import CONTENT_TYPE, Metrics
 from app.service import OCRService
 from app.settings import Settings, get_settings
+from app.web import install_web
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
     settings = settings if settings is not None else get_settings()
+    setup_logging(settings.log_format.value, settings.log_level.value)
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service = OCRService(settings, engine)
+        service = OCRService(settings, engine, metrics)
         app.state.service = service
         await service.start()
+        jobs = JobRunner.from_settings(settings, service)
+        app.state.jobs = jobs
         try:
+            await jobs.start()  # after the engine starts: resumes unfinished jobs
             yield
         finally:
+            await jobs.stop()  # before the engine closes; running jobs stay `running` and resume next start
             await service.close()
 
     app = FastAPI(
         title=settings.project_name,
         version=__version__,
-        description="OCR for PDFs, scans and photos into clean markdown with LightOnOCR-2-1B.",
+        description=DESCRIPTION,
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    document_validation_errors(app)
     app.include_router(router)
+    app.include_router(jobs_router)  # /api/jobs
+    install_web(app)  # GET /, /static/*, POST /web/render
+    _install_metrics(app, metrics)
     keys = settings.load_api_keys()
     if keys:
         app.add_middleware(ApiKeyMiddleware, keys=keys)
+    app.add_middleware(RequestMiddleware, metrics=metrics, routes=app.routes)  # request id, metrics, access log
     # Added last, so outermost: even a 401 carries CORS headers a browser can read.
     if settings.cors_origins:
         app.add_middleware(
@@ -59,6 +76,31 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     return app
 
 
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-logging.getLogger("httpx").setLevel(logging.WARNING)
+DESCRIPTION = (
+    "OCR for PDFs, scans and photos into clean markdown with LightOnOCR-2-1B.\n\n"
+    "**Keys.** When API keys are configured, every route but `/health` and `/ready` needs "
+    "`Authorization: Bearer <key>`.\n\n"
+    "**Request ids.** Send `X-Request-ID` (printable ASCII, at most 128 characters) or get a generated one; "
+    "it is returned in the `X-Request-ID` header and stamped on every log line of the request.\n\n"
+    '**Errors** all have the shape `{"error": {"code", "message", "details"?}}`; branch on `code`:\n\n' + error_table()
+)
+
+
+def _install_metrics(app: FastAPI, metrics: Metrics) -> None:
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        description="Requests by route and status, pages by status, page latency and tokens, retries, repetition "
+        "loops, bytes received, queue depth and engine pages in flight, in Prometheus' text format. Needs a key "
+        "when keys are on.",
+        response_class=Response,
+        responses={
+            200: {"description": "Prometheus text exposition format.", "content": {"text/plain": {}}},
+            **error_responses(401),
+        },
+    )
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+
 app = create_app()

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from app.errors import OCRError
 
@@ -13,6 +13,33 @@ FinishReason = Literal["stop", "length"]
 PageStatus = Literal["ok", "retried", "truncated", "repetitive", "failed"]
 DocumentStatus = Literal["ok", "partial"]
 BlockType = Literal["heading", "paragraph", "list", "table", "math", "image", "code"]
+
+
+# Shown in /docs.
+_DOCUMENT_EXAMPLE: dict[str, Any] = {
+    "status": "ok",
+    "text": "# Annual report\n\nRevenue grew 12%.",
+    "blocks": [
+        {"type": "heading", "page": 1, "text": "# Annual report", "level": 1},
+        {"type": "paragraph", "page": 1, "text": "Revenue grew 12%.", "level": None},
+    ],
+    "model_version": "lightonocr-2-1b",
+    "pages": [
+        {
+            "page": 1,
+            "text": "# Annual report\n\nRevenue grew 12%.",
+            "width": 1190,
+            "height": 1540,
+            "finish_reason": "stop",
+            "tokens": 412,
+            "seconds": 1.83,
+            "status": "ok",
+            "attempts": 1,
+            "error": None,
+        }
+    ],
+    "failed_pages": [],
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,9 +51,16 @@ class Generation:
     tokens: int
 
 
+class Block(BaseModel):
+    type: BlockType = Field(description="Kind of block, from the page's markdown.")
+    page: int = Field(description="1-based page the block comes from.")
+    text: str = Field(description="The block's markdown source.")
+    level: int | None = Field(default=None, description="Heading level (1-6); null otherwise.")
+
+
 class PageError(BaseModel):
-    code: str = Field(examples=["engine_timeout"])
-    message: str
+    code: str = Field(description="Stable error code, as in the error table.", examples=["engine_timeout"])
+    message: str = Field(description="What went wrong, for people.")
 
 
 class PageResult(BaseModel):
@@ -47,6 +81,15 @@ class PageResult(BaseModel):
     error: PageError | None = Field(default=None, description="Why the page failed.")
     # The failure itself, kept in process so a wholly failed document re-raises its real error.
     _exception: OCRError | None = PrivateAttr(default=None)
+    _blocks: list[Block] | None = PrivateAttr(default=None)
+
+    def blocks(self) -> list[Block]:
+        """The page's markdown as typed blocks, parsed once."""
+        if self._blocks is None:
+            from app.blocks import parse_blocks  # blocks imports this module
+
+            self._blocks = parse_blocks(self.text, self.page)
+        return self._blocks
 
     @property
     def exception(self) -> OCRError | None:
@@ -57,17 +100,12 @@ class PageResult(BaseModel):
         self._exception = value
 
 
-class Block(BaseModel):
-    type: BlockType
-    page: int = Field(description="1-based page the block comes from.")
-    text: str = Field(description="The block's markdown source.")
-    level: int | None = Field(default=None, description="Heading level (1-6); null otherwise.")
-
-
 class DocumentResult(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [_DOCUMENT_EXAMPLE]})
+
     status: DocumentStatus = Field(description="`ok`, or `partial` when some page is not `ok`/`retried`.")
     text: str = Field(description="The whole document's markdown, pages in order.")
     blocks: list[Block] = Field(description="Typed blocks in reading order.")
-    model_version: str = Field(examples=["lightonocr-2-1b"])
-    pages: list[PageResult]
+    model_version: str = Field(description="Short name of the model that read the pages.", examples=["lightonocr-2-1b"])
+    pages: list[PageResult] = Field(description="Every selected page, in page order.")
     failed_pages: list[int] = Field(default_factory=list, description="Pages with status `failed`.")

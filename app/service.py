@@ -20,7 +20,6 @@ from functools import partial
 import anyio
 
 from app.admission import Admission, FairScheduler, Ticket
-from app.blocks import parse_blocks
 from app.engines import Engine, Sampling, build_engine
 from app.errors import (
     DocumentFailed,
@@ -32,6 +31,7 @@ from app.errors import (
     TooManyPages,
 )
 from app.intake import Document, IntakeLimits, open_document, parse_page_selection
+from app.metrics import Metrics
 from app.postprocess import repair_escaped_dollars
 from app.quality import is_repetitive
 from app.results import DocumentResult, Generation, PageError, PageResult, PageStatus
@@ -57,7 +57,7 @@ class Job:
 
 
 class OCRService:
-    def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
+    def __init__(self, settings: Settings, engine: Engine | None = None, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.engine = engine if engine is not None else build_engine(settings)
         self._startup: asyncio.Task[None] | None = None
@@ -71,6 +71,13 @@ class OCRService:
         window = self.engine.info().max_pages_in_flight
         # A few pages beyond the engine's window are rendered ahead so encoding overlaps inference.
         self.scheduler = FairScheduler(window + max(2, window // 4))
+        # Injected by the app so /metrics shows it; a private one otherwise (own registry, no globals).
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.track(
+            queued=lambda: self.admission.queued,
+            in_flight=lambda: self.scheduler.busy,
+            waiting=lambda: self.scheduler.waiting,
+        )
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -129,14 +136,23 @@ class OCRService:
 
     @contextlib.asynccontextmanager
     async def admit(
-        self, data: bytes, *, pages: str | None = None, password: str | None = None, client: str = ANONYMOUS
+        self,
+        data: bytes,
+        *,
+        pages: str | None = None,
+        password: str | None = None,
+        client: str = ANONYMOUS,
+        charge_rate: bool = True,
     ) -> AsyncIterator[Job]:
-        """Open, select and reserve capacity, or refuse at once; always releases both."""
+        """Open, select and reserve capacity, or refuse at once; always releases both.
+
+        `charge_rate=False` is for work already charged to the client's rate (a job, at submit time).
+        """
         self.check_started()
         document = await self.open(data, password=password)
         try:
             indices = self.select_pages(document, pages)
-            ticket = self.admission.admit(client, len(indices))
+            ticket = self.admission.admit(client, len(indices), charge_rate=charge_rate)
             try:
                 yield Job(document=document, pages=indices, ticket=ticket)
             finally:
@@ -186,6 +202,7 @@ class OCRService:
                 results.put_nowait(exc)
                 raise
             job.ticket.release()
+            self.metrics.observe_page(result)
             results.put_nowait(result)
 
         tasks = [asyncio.create_task(one(index), name=f"page-{index + 1}") for index in todo]
@@ -225,15 +242,18 @@ class OCRService:
                 break
             generation = dataclasses.replace(generation, text=repair_escaped_dollars(generation.text))
             rank = _rank(generation)
+            if rank in (1, 3):
+                self.metrics.observe_repetition()
             if best is None or rank < best[0]:
                 best = (rank, generation)
             if rank == 0:
                 break
-            log.info("page %d attempt %d at T=%.2f is %s; retrying", number, attempts, temperature, _RANKS[rank])
+            more = "retrying" if attempts < len(temperatures) else "no attempts left"
+            log.info("page %d attempt %d at T=%.2f is %s; %s", number, attempts, temperature, _RANKS[rank], more)
         assert best is not None
         rank, kept = best
         status: PageStatus = ("ok" if attempts == 1 else "retried") if rank == 0 else _status_of(kept)
-        return PageResult(
+        result = PageResult(
             page=number,
             text=kept.text,
             width=width,
@@ -244,6 +264,9 @@ class OCRService:
             status=status,
             attempts=attempts,
         )
+        # Parse blocks now, off the event loop, instead of all at once when the document ends.
+        await anyio.to_thread.run_sync(result.blocks)
+        return result
 
     def assemble(self, pages: list[PageResult]) -> DocumentResult:
         """Order pages, apply MAX_FAILED_PAGE_RATIO, and build the document's text and blocks."""
@@ -254,7 +277,7 @@ class OCRService:
         return DocumentResult(
             status="ok" if all(page.status in ("ok", "retried") for page in pages) else "partial",
             text=PAGE_SEPARATOR.join(page.text for page in pages if page.status != "failed"),
-            blocks=[block for page in pages for block in parse_blocks(page.text, page.page)],
+            blocks=[block for page in pages for block in page.blocks()],
             model_version=self.settings.model_version,
             pages=pages,
             failed_pages=[page.page for page in failed],

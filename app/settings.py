@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -25,6 +25,18 @@ class Device(StrEnum):
     CUDA = "cuda"
     CPU = "cpu"
     MPS = "mps"
+
+
+class LogFormat(StrEnum):
+    JSON = "json"
+    TEXT = "text"
+
+
+class LogLevel(StrEnum):
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
 
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -103,6 +115,27 @@ class Settings(BaseSettings):
     # Probes.
     retry_after_s: PositiveInt = 5
 
+    # Durable jobs (POST /api/jobs): SQLite file, parallel jobs, retention, storage bound, webhooks.
+    jobs_db: Path = Path("jobs.db")
+    jobs_concurrency: PositiveInt = 4
+    jobs_ttl_hours: PositiveFloat = 24
+    jobs_max_bytes: PositiveInt = 1024 * 1024 * 1024
+    webhook_secret: SecretStr | None = None
+    webhook_max_attempts: Annotated[int, Field(ge=1, le=20)] = 5
+    webhook_backoff_s: Annotated[float, Field(ge=0)] = 1
+    webhook_timeout_s: PositiveFloat = 10
+
+    # Operations: logs, and where `lightonocr serve` listens.
+    log_format: LogFormat = LogFormat.TEXT
+    log_level: LogLevel = LogLevel.INFO
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 8000
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
     @field_validator("retry_temperatures", "api_keys", "cors_origins", mode="before")
     @classmethod
     def _comma_lists(cls, value: object) -> object:
@@ -130,7 +163,12 @@ class Settings(BaseSettings):
         return value.strip()
 
     @field_validator(
-        "vllm_api_key", "api_keys_file", "key_max_pages_in_flight", "rate_limit_pages_per_min", mode="before"
+        "vllm_api_key",
+        "api_keys_file",
+        "key_max_pages_in_flight",
+        "rate_limit_pages_per_min",
+        "webhook_secret",
+        mode="before",
     )
     @classmethod
     def _empty_is_none(cls, value: object) -> object:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +22,8 @@ CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
 
 
 def make_settings(**overrides: Any) -> Settings:
-    """Settings for tests: never read the developer's `.env`."""
+    """Settings for tests: never read the developer's `.env`, never write a job store into the repo."""
+    overrides.setdefault("jobs_db", Path(tempfile.mkdtemp(prefix="lightonocr-jobs-")) / "jobs.db")
     return load_settings(_env_file=None, **overrides)
 
 

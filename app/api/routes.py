@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 from starlette.types import Receive, Scope, Send
 
 from app import __version__
-from app.api.errors import ErrorResponse
+from app.api.errors import error_responses
 from app.api.security import client_id
 from app.api.upload import Upload, read_upload
 from app.errors import ClientDisconnected, ServiceUnavailable
@@ -35,7 +35,7 @@ Service = Annotated[OCRService, Depends(get_service)]
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return {status: {"model": ErrorResponse} for status in statuses}
+    return error_responses(*statuses)
 
 
 _UPLOAD_SCHEMA: dict[str, Any] = {
@@ -88,7 +88,7 @@ _STREAM_DOC = (
     "details. " + _STREAM_DOC,
     openapi_extra=_UPLOAD_SCHEMA,
     responses={
-        **_errors(400, 401, 408, 413, 415, 422, 429, 502, 503, 504),
+        **_errors(400, 401, 408, 413, 415, 422, 429, 500, 502, 503, 504),
         200: {
             "description": "The document, or a stream of events (see description).",
             "content": {"application/x-ndjson": {}, "text/event-stream": {}},
@@ -103,7 +103,7 @@ async def inference(request: Request, service: Service) -> Response:
     stream_format = _stream_format(request.headers.get("accept", ""))
     if stream_format is None:
         result = await until_disconnect(
-            request, service.recognize(upload.data, pages=pages, password=password, client=client)
+            request.receive, service.recognize(upload.data, pages=pages, password=password, client=client)
         )
         return JSONResponse(result.model_dump(mode="json"))
     media_type, encode = stream_format
@@ -150,7 +150,10 @@ class EventStream(StreamingResponse):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            # Starlette notices a gone client only at the next write; watch for it so held pages are dropped now.
+            await until_disconnect(receive, super().__call__(scope, receive, send))
+        except ClientDisconnected:
+            pass
         finally:
             await self._events.aclose()  # cancels pages not started
             await self._on_close()
@@ -169,11 +172,11 @@ async def read_document(request: Request, service: OCRService) -> Upload:
 T = TypeVar("T")
 
 
-async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Run `work`, cancelling it if the client disconnects (after the body was read)."""
+async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
+    """Run `work`, cancelling it if the client disconnects (call after the body was read)."""
 
     async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
+        while (await receive())["type"] != "http.disconnect":
             pass
 
     task = asyncio.ensure_future(work)
@@ -194,28 +197,40 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
 
 
 class Limits(BaseModel):
-    max_file_size_mb: float
-    max_pages: int
-    max_image_pixels: int
-    max_new_tokens: int
-    max_concurrent_pages: int
+    max_file_size_mb: float = Field(description="Largest upload in MiB (MAX_FILE_SIZE_MB).", examples=[10.0])
+    max_pages: int = Field(description="Most pages per request after selection (MAX_PAGES).", examples=[100])
+    max_image_pixels: int = Field(description="Largest image in pixels (MAX_IMAGE_PIXELS).", examples=[80000000])
+    max_new_tokens: int = Field(description="Generation bound per page (MAX_NEW_TOKENS).", examples=[4096])
+    max_concurrent_pages: int = Field(
+        description="Pages in flight to vLLM across requests (MAX_CONCURRENT_PAGES).", examples=[64]
+    )
 
 
 class Info(BaseModel):
-    name: str = Field(examples=["LightOnOCR-Service"])
-    version: str
-    api_version: str = Field(examples=[API_VERSION])
-    engine: Literal["huggingface", "vllm"]
-    model: str = Field(examples=["lightonai/LightOnOCR-2-1B"])
-    model_version: str = Field(examples=["lightonocr-2-1b"])
+    name: str = Field(description="Service name (PROJECT_NAME).", examples=["LightOnOCR-Service"])
+    version: str = Field(description="Version of this service.", examples=["0.1.0"])
+    api_version: str = Field(description="Version of the HTTP API.", examples=[API_VERSION])
+    engine: Literal["huggingface", "vllm"] = Field(description="Engine running the model (MODEL_SOURCE).")
+    model: str = Field(description="Model id or checkpoint (MODEL_NAME).", examples=["lightonai/LightOnOCR-2-1B"])
+    model_version: str = Field(description="Short model name, as in results.", examples=["lightonocr-2-1b"])
     device: str = Field(description="Device really used (after any fallback), or the vLLM server.")
-    ready: bool
-    sampling: dict[str, float]
-    limits: Limits
-    supported_types: list[str]
+    ready: bool = Field(description="Whether the engine has started (see /ready for a live check).")
+    sampling: dict[str, float] = Field(
+        description="Sampling of first attempts.", examples=[{"temperature": 0.2, "top_p": 0.9}]
+    )
+    limits: Limits = Field(description="Limits a request must stay within.")
+    supported_types: list[str] = Field(
+        description="Document types accepted (read from the bytes).", examples=[["pdf", "png", "jpeg"]]
+    )
 
 
-@router.get("/info", response_model=Info, summary="What this service runs and its limits")
+@router.get(
+    "/info",
+    response_model=Info,
+    summary="What this service runs and its limits",
+    description="Engine, model, device really used, API version, sampling and limits. Needs a key when keys are on.",
+    responses=_errors(401, 500),
+)
 async def info(service: Service) -> Info:
     settings = service.settings
     engine = service.engine.info()
@@ -246,10 +261,15 @@ async def info(service: Service) -> Info:
 
 
 class Status(BaseModel):
-    status: Literal["ok"] = "ok"
+    status: Literal["ok"] = Field(default="ok", description="Always `ok`; failures use the error shape.")
 
 
-@router.get("/health", response_model=Status, summary="Liveness: the process answers")
+@router.get(
+    "/health",
+    response_model=Status,
+    summary="Liveness: the process answers",
+    description="200 while the process answers, even while the model loads. Never needs a key.",
+)
 async def health() -> Status:
     return Status()
 
@@ -258,6 +278,8 @@ async def health() -> Status:
     "/ready",
     response_model=Status,
     summary="Readiness: the engine can serve pages now",
+    description="200 when a page sent now would be served; 503 with `Retry-After` while the model loads, when it "
+    "failed to load, or when vLLM is unreachable or serves another model. Never needs a key.",
     responses=_errors(503),
 )
 async def ready(service: Service) -> Status | JSONResponse:

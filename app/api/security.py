@@ -1,4 +1,4 @@
-"""API keys: `Authorization: Bearer <key>` on every route but the probes.
+"""API keys: `Authorization: Bearer <key>` on every route but the probes and the web page's static shell.
 
 Keys are compared in constant time against every configured key, and never
 logged: requests are attributed to `key:<sha256 prefix>` for per-client limits.
@@ -16,6 +16,16 @@ from app.api.errors import error_json
 from app.errors import Unauthorized
 
 OPEN_PATHS = frozenset({"/health", "/ready"})
+# The web page and its assets load without a key so the page can ask for one; they hold
+# no data. Everything the page calls (/api/inference, /web/render) still needs the key.
+OPEN_PAGE_PATHS = frozenset({"/"})
+OPEN_PAGE_PREFIX = "/static/"
+
+
+def is_open(path: str, method: str | None) -> bool:
+    if path in OPEN_PATHS or method == "OPTIONS":
+        return True
+    return method in ("GET", "HEAD") and (path in OPEN_PAGE_PATHS or path.startswith(OPEN_PAGE_PREFIX))
 
 
 def key_id(key: str) -> str:
@@ -44,7 +54,7 @@ class ApiKeyMiddleware:
         return found
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope.get("method") == "OPTIONS":
+        if scope["type"] != "http" or is_open(scope["path"], scope.get("method")):
             await self.app(scope, receive, send)
             return
         header = HTTPConnection(scope).headers.get("authorization", "")

@@ -50,12 +50,16 @@ class _Collector:
         self.max_file_bytes = max_file_bytes
         self.max_field_bytes = max_field_bytes
         self.parts: list[_Part] = []
+        self.complete = False  # set by the closing boundary; python-multipart's finalize() checks nothing
         self._header_field = bytearray()
         self._header_value = bytearray()
 
     @property
     def current(self) -> _Part:
         return self.parts[-1]
+
+    def on_end(self) -> None:
+        self.complete = True
 
     def on_part_begin(self) -> None:
         if len(self.parts) >= _MAX_FIELDS:
@@ -124,6 +128,7 @@ async def read_upload(request: Request, *, max_file_bytes: int, max_field_bytes:
             "on_header_value": collector.on_header_value,
             "on_header_end": collector.on_header_end,
             "on_headers_finished": collector.on_headers_finished,
+            "on_end": collector.on_end,
         },
     )
     try:
@@ -135,6 +140,8 @@ async def read_upload(request: Request, *, max_file_bytes: int, max_field_bytes:
         raise UploadTimeout(f"the upload did not complete within {timeout_s:g}s (UPLOAD_TIMEOUT_S)") from None
     except FormParserError as exc:
         raise MalformedRequest(f"invalid multipart body: {exc}") from None
+    if not collector.complete:
+        raise MalformedRequest("the multipart body ended before its closing boundary (truncated upload?)")
 
     files = [part for part in collector.parts if part.name == FILE_FIELD]
     if not files:

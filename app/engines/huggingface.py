@@ -14,13 +14,14 @@ import logging
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
-import torch
 from PIL import Image
-from transformers import LightOnOcrForConditionalGeneration, LightOnOcrProcessor
-from transformers.utils import logging as hf_logging
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import LightOnOcrForConditionalGeneration, LightOnOcrProcessor
 
 from app.engines.base import EngineBase, EngineInfo, Sampling
 from app.errors import EngineError, EngineNotReady, EngineUnavailable
@@ -35,6 +36,8 @@ _CONVERSATION: list[dict[str, Any]] = [{"role": "user", "content": [{"type": "im
 
 def resolve_device(requested: Device) -> torch.device:
     """Requested device if present, else CPU with one warning."""
+    import torch
+
     if requested is Device.CUDA and not torch.cuda.is_available():
         log.warning("DEVICE=cuda but CUDA is not available: falling back to CPU")
         return torch.device("cpu")
@@ -45,6 +48,8 @@ def resolve_device(requested: Device) -> torch.device:
 
 
 def dtype_for(device: torch.device) -> torch.dtype:
+    import torch
+
     # bf16 on CUDA and CPU; MPS kernels are incomplete for bf16.
     return torch.float32 if device.type == "mps" else torch.bfloat16
 
@@ -89,6 +94,11 @@ class HuggingFaceEngine(EngineBase):
             settings.model_cache_dir.mkdir(parents=True, exist_ok=True)
             kwargs["cache_dir"] = str(settings.model_cache_dir)
         log.info("loading %s on %s (%s)", source, device, dtype_for(device))
+        # Imported here, in the loading thread: importing torch takes seconds and must not hold up the
+        # event loop (the app answers /health while this runs).
+        from transformers import LightOnOcrForConditionalGeneration, LightOnOcrProcessor
+        from transformers.utils import logging as hf_logging
+
         hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
         try:
             # Explicit classes: the hub config says mistral3/Pixtral, which Auto* would pick wrongly.
@@ -177,8 +187,13 @@ class HuggingFaceEngine(EngineBase):
             if not pending.future.done():
                 pending.future.set_result(result)
 
-    @torch.inference_mode()
     def _generate(self, group: list[_Pending]) -> list[Generation]:
+        import torch
+
+        with torch.inference_mode():
+            return self._generate_batch(group)
+
+    def _generate_batch(self, group: list[_Pending]) -> list[Generation]:
         model, processor, device = self._model, self._processor, self._device
         if model is None or processor is None or device is None:
             raise EngineUnavailable("the model is not loaded")
