@@ -81,7 +81,7 @@ class Admission:
         self.queued = 0
         self._by_client: dict[str, int] = {}
 
-    def admit(self, client: str, pages: int) -> Ticket:
+    def admit(self, client: str, pages: int, *, charge_rate: bool = True) -> Ticket:
         """Admit all of a document's pages or refuse at once; a lone big document is never refused."""
         mine = self._by_client.get(client, 0)
         if self.per_client is not None and mine and mine + pages > self.per_client:
@@ -96,7 +96,8 @@ class Admission:
                 f"the service has {self.queued} pages waiting; try again later (MAX_QUEUED_PAGES={self.max_queued})",
                 retry_after=self.retry_after,
             )
-        self.rate.take(client, pages)
+        if charge_rate:
+            self.rate.take(client, pages)
         self.queued += pages
         self._by_client[client] = mine + pages
         return Ticket(client=client, pages=pages, _admission=self)
@@ -117,6 +118,7 @@ class FairScheduler:
         self.slots = slots
         self.busy = 0
         self._waiting: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()
+        self._last: str | None = None  # client granted most recently, fast path included
 
     @property
     def waiting(self) -> int:
@@ -133,6 +135,7 @@ class FairScheduler:
     async def _acquire(self, client: str) -> None:
         if self.busy < self.slots and not self._waiting:
             self.busy += 1
+            self._last = client
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(client, deque()).append(future)
@@ -155,6 +158,9 @@ class FairScheduler:
     def _release(self) -> None:
         self.busy -= 1
         while self._waiting and self.busy < self.slots:
+            if len(self._waiting) > 1 and next(iter(self._waiting)) == self._last:
+                # The client served last (say, one that took every free slot) waits behind the others.
+                self._waiting.move_to_end(self._last)
             client, queue = next(iter(self._waiting.items()))
             future = queue.popleft()
             # Round robin: the client just served goes to the back of the line.
@@ -163,4 +169,5 @@ class FairScheduler:
                 self._waiting[client] = queue
             if not future.done():
                 self.busy += 1
+                self._last = client
                 future.set_result(None)

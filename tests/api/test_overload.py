@@ -1,0 +1,211 @@
+"""Overload and time, end to end: a full queue answers 503 at once, deadlines answer 504, and a
+client that leaves stops costing engine time. The stub holds pages behind a `Gate` so every
+ordering is forced by events, never by sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import ServiceFactory
+from tests.support.documents import make_pdf, make_png, page_id_of
+from tests.support.openai_stub import Reply, StubRequest, StubVLLM, describe
+
+SMALL_PAGE_PT = (216, 288)  # 600 x 800 px
+
+
+class Gate:
+    """An async stub responder that holds chosen pages until `open()` (called from the test thread).
+
+    Waiters are asyncio events on the stub's loop, woken thread-safely, so any number of
+    pages can be held without tying up threads.
+    """
+
+    def __init__(self, hold: set[int] | None = None, *, answer_first: int = 0, max_wait_s: float = 30.0) -> None:
+        self.hold = hold  # page ids to hold; None: every page
+        self.answer_first = answer_first  # requests answered at once before holding starts
+        self.max_wait_s = max_wait_s
+        self.seen: list[int | None] = []
+        self._opened = False
+        self._lock = threading.Lock()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+
+    async def __call__(self, request: StubRequest) -> Reply:
+        number = page_id_of(request.image)
+        event = asyncio.Event()
+        with self._lock:
+            self.seen.append(number)
+            held = (
+                not self._opened and len(self.seen) > self.answer_first and (self.hold is None or number in self.hold)
+            )
+            if held:
+                self._waiters.append((asyncio.get_running_loop(), event))
+        if held:
+            await asyncio.wait_for(event.wait(), self.max_wait_s)  # bounded: a forgotten gate fails loudly
+        return Reply(text=describe(request.image))
+
+    def open(self) -> None:
+        with self._lock:
+            self._opened = True
+            waiters, self._waiters = self._waiters, []
+        for loop, event in waiters:
+            loop.call_soon_threadsafe(event.set)
+
+
+@pytest.fixture
+def gate(stub: StubVLLM) -> Iterator[Gate]:
+    held = Gate()
+    stub.responder = held
+    yield held
+    held.open()  # never leave the stub's requests hanging
+
+
+@pytest.fixture
+def pool() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(8) as executor:
+        yield executor
+
+
+def post(url: str, content: bytes, name: str = "doc.pdf", headers: dict[str, str] | None = None) -> httpx.Response:
+    return httpx.post(f"{url}/api/inference", files={"file": (name, content)}, headers=headers, timeout=60)
+
+
+def small_pdf(n: int) -> bytes:
+    return make_pdf(n, page_size_pt=SMALL_PAGE_PT)
+
+
+def ok(response: httpx.Response) -> dict[str, Any]:
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+# --------------------------------------------------------------------------- MAX_QUEUED_PAGES
+
+
+def test_full_queue_refuses_at_once_and_loses_nothing(
+    vllm_service: ServiceFactory, stub: StubVLLM, gate: Gate, pool: ThreadPoolExecutor
+) -> None:
+    url = vllm_service(max_queued_pages=4, max_concurrent_pages=4)
+    admitted: list[Future[httpx.Response]] = [pool.submit(post, url, small_pdf(2)) for _ in range(2)]
+    stub.wait_until(lambda s: s.in_flight == 4)  # both documents admitted, all 4 pages held
+
+    refused = post(url, make_png(300, 300, page_id=9), "one.png")
+    assert stub.in_flight == 4  # answered while the others are still held
+    assert refused.status_code == 503
+    assert refused.headers["Retry-After"] == "5"
+    error = refused.json()["error"]
+    assert error["code"] == "overloaded"
+    assert "MAX_QUEUED_PAGES=4" in error["message"]
+    assert 9 not in gate.seen
+
+    gate.open()
+    for future in admitted:
+        body = ok(future.result(timeout=30))
+        assert [page["text"] for page in body["pages"]] == ["page 1", "page 2"]
+    # The queue drained: the same request is served now.
+    assert ok(post(url, make_png(300, 300, page_id=9), "one.png"))["text"] == "page 9"
+
+
+# --------------------------------------------------------------------------- REQUEST_TIMEOUT_S
+
+
+def test_request_deadline_answers_504_and_starts_no_more_pages(
+    vllm_service: ServiceFactory, stub: StubVLLM, pool: ThreadPoolExecutor
+) -> None:
+    gate = Gate(answer_first=2)  # whichever two pages reach vLLM first are answered, the rest held
+    stub.responder = gate
+    try:
+        url = vllm_service(max_concurrent_pages=2, request_timeout_s=1.5)
+        response = post(url, small_pdf(10))
+    finally:
+        gate.open()
+    assert response.status_code == 504, response.text
+    error = response.json()["error"]
+    assert error["code"] == "request_timeout"
+    assert error["details"] == {"pages_done": 2, "pages_total": 10}
+    # Two pages were answered, two more took the engine slots and were aborted; six never reached vLLM.
+    stub.wait_until(lambda s: s.in_flight == 0)
+    assert len(stub.requests) == 4
+    assert len(set(gate.seen)) == 4
+    assert stub.completed == 2
+    assert stub.cancelled == 2
+    assert stub.max_in_flight <= 2
+
+
+# --------------------------------------------------------------------------- client disconnect
+
+
+def raw_upload(port: int, content: bytes) -> socket.socket:
+    """Send a complete multipart upload on a raw socket and return it unread (the client then just leaves)."""
+    boundary = uuid.uuid4().hex
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="doc.pdf"\r\n'
+            f"Content-Type: application/pdf\r\n\r\n"
+        ).encode()
+        + content
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    head = (
+        f"POST /api/inference HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(head + body)
+    return sock
+
+
+def test_client_disconnect_drops_pages_not_started(vllm_service: ServiceFactory, stub: StubVLLM, gate: Gate) -> None:
+    url = vllm_service(max_concurrent_pages=2)
+    port = int(url.rsplit(":", 1)[1])
+    sock = raw_upload(port, small_pdf(10))
+    stub.wait_until(lambda s: s.in_flight == 2)
+    sock.close()  # the client gives up
+
+    stub.wait_until(lambda s: s.cancelled == 2)  # the service hung up on vLLM for both pages in flight
+    gate.open()
+    # A later request completes, so anything the abandoned document could still send would have been sent.
+    assert ok(post(url, make_png(300, 300, page_id=42), "one.png"))["text"] == "page 42"
+    abandoned = [n for n in gate.seen if n != 42]
+    assert len(abandoned) == 2  # only the two pages that held engine slots; eight never reached vLLM
+    assert set(abandoned) <= {1, 2, 3, 4}  # pages start in document order (a few rendered ahead)
+    assert len(stub.requests) == 3
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap: on a streaming disconnect the service cancels its page tasks (pages not started are never "
+    "sent) but httpx leaves the two in-flight connections to vLLM open, so vLLM is not told to abort them; the "
+    "non-streaming path closes them. Tracked in the closing note.",
+)
+def test_streaming_client_disconnect_aborts_pages_in_flight(
+    vllm_service: ServiceFactory, stub: StubVLLM, gate: Gate
+) -> None:
+    url = vllm_service(max_concurrent_pages=2)
+    with (
+        httpx.Client(timeout=30) as client,
+        client.stream(
+            "POST",
+            f"{url}/api/inference",
+            files={"file": ("doc.pdf", small_pdf(10))},
+            headers={"Accept": "application/x-ndjson"},
+        ) as response,
+    ):
+        assert response.status_code == 200
+        stub.wait_until(lambda s: s.in_flight == 2)
+    # Leaving the block closed the connection mid-stream.
+    stub.wait_until(lambda s: s.cancelled == 2, timeout=10)
+    gate.open()
+    assert ok(post(url, make_png(300, 300, page_id=42), "one.png"))["text"] == "page 42"
+    assert len([n for n in gate.seen if n != 42]) == 2
+    assert len(stub.requests) == 3

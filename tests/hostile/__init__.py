@@ -1,0 +1,1 @@
+"""Hostile input: an adversarial request set, fuzzing of intake and schema checks."""
