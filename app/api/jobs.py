@@ -1,0 +1,287 @@
+"""Durable jobs over HTTP: submit a document, poll it, fetch its result, cancel it.
+
+Everything a job will be refused for is checked at submit time (type,
+password, pages, MAX_PAGES, admission limits, storage), so a 202 means the
+job will run. With API keys on, a job belongs to the key that submitted it:
+other keys get 404 for it, as for an unknown id.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from html.parser import HTMLParser
+from typing import Annotated, Any, Literal
+
+import anyio
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from markdown_it import MarkdownIt
+from pydantic import BaseModel, Field
+
+from app.api.errors import error_responses
+from app.api.routes import Service, read_document
+from app.api.security import client_id
+from app.errors import InvalidPages, JobFailed, JobNotFinished, JobNotFound, OCRError
+from app.imaging import encode_png
+from app.jobs import JobDetail, JobRecord, JobRunner, JobSummary, NewJob, summarize, validate_callback_url
+from app.results import DocumentResult
+
+router = APIRouter(prefix="/api/jobs", tags=["jobs"])
+
+
+def get_runner(request: Request) -> JobRunner:
+    runner: JobRunner = request.app.state.jobs
+    return runner
+
+
+Runner = Annotated[JobRunner, Depends(get_runner)]
+
+
+class JobList(BaseModel):
+    jobs: list[JobSummary] = Field(description="Newest first, without their pages.")
+
+
+_SUBMIT_SCHEMA: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description": "As for /api/inference."},
+                        "pages": {"type": "string", "description": "1-based pages, e.g. `1-3,7`. Default: all."},
+                        "password": {
+                            "type": "string",
+                            "description": "Password of an encrypted PDF; stored with the job until it expires.",
+                        },
+                        "callback_url": {
+                            "type": "string",
+                            "description": "http(s) URL that gets a signed POST of the job summary when it ends.",
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def _owner_filter(request: Request) -> str | None:
+    """With API keys on, a caller sees only its own jobs; without keys, every job."""
+    client = client_id(request)
+    return client if client.startswith("key:") else None
+
+
+async def _job(request: Request, runner: JobRunner, job_id: str) -> JobRecord:
+    record = await runner.store.get(job_id)
+    owner = _owner_filter(request)
+    if record is None or (owner is not None and record.owner != owner):
+        raise JobNotFound(f"no job {job_id!r} (unknown, expired, or not yours)", job_id=job_id)
+    return record
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobSummary,
+    summary="Queue a document for OCR",
+    description="Same inputs and refusals as /api/inference, plus `callback_url`. Answers 202 at once with "
+    "`Location: /api/jobs/{id}`; poll that URL, or wait for the webhook.",
+    openapi_extra=_SUBMIT_SCHEMA,
+    responses=error_responses(400, 401, 408, 413, 415, 422, 429, 503, 507),
+)
+async def submit(request: Request, service: Service, runner: Runner) -> JSONResponse:
+    upload = await read_document(request, service)
+    callback_url = upload.fields.get("callback_url") or None
+    if callback_url is not None:
+        callback_url = validate_callback_url(callback_url)
+    pages = upload.fields.get("pages")
+    password = upload.fields.get("password") or None
+    client = client_id(request)
+    document = await service.open(upload.data, password=password)
+    try:
+        indices = service.select_pages(document, pages)
+    finally:
+        await anyio.to_thread.run_sync(document.close)
+    # Admission limits apply here, where the caller can be told; the runner waits instead.
+    service.admission.admit(client, len(indices)).close()
+    new = NewJob(
+        owner=client,
+        pages=[index + 1 for index in indices],
+        pages_spec=pages,
+        password=password,
+        callback_url=callback_url,
+        filename=upload.filename,
+    )
+    record = await runner.store.create(new, upload.data)
+    runner.notify()
+    body = summarize(record, runner.clock()).model_dump(mode="json")
+    return JSONResponse(body, status_code=202, headers={"Location": f"/api/jobs/{record.id}"})
+
+
+@router.get(
+    "",
+    response_model=JobList,
+    summary="List jobs, newest first",
+    description="With API keys on, only the jobs submitted with the caller's key; without keys, every job. "
+    "Expired jobs are gone from the list.",
+    responses=error_responses(401),
+)
+async def list_jobs(request: Request, runner: Runner, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> JobList:
+    records = await runner.store.list_jobs(_owner_filter(request), limit)
+    now = runner.clock()
+    return JobList(jobs=[summarize(record, now) for record in records])
+
+
+@router.get(
+    "/{job_id}",
+    response_model=JobDetail,
+    summary="A job's status, progress, ETA and finished pages",
+    description="`eta_s` is the time left at the page rate this job has measured since it (re)started; null "
+    "until a page finished. `pages` holds the finished pages so far (as in /api/inference), in page order.",
+    responses=error_responses(401, 404),
+)
+async def get_job(request: Request, runner: Runner, job_id: str) -> JobDetail:
+    record = await _job(request, runner, job_id)
+    pages = await runner.store.pages(record.id)
+    summary = summarize(record, runner.clock())
+    return JobDetail(**summary.model_dump(), pages=pages)
+
+
+@router.get(
+    "/{job_id}/result",
+    summary="A finished job's document: JSON, markdown or plain text",
+    description="`format=json` (default): the DocumentResult, as /api/inference answers. `md`: its markdown. "
+    "`txt`: the markdown rendered and reduced to plain text (tags dropped, table cells tab-separated, math kept "
+    "as written). A cancelled job's result holds the pages finished before the cancel.",
+    responses={
+        **error_responses(401, 404, 409),
+        200: {"model": DocumentResult, "content": {"text/markdown": {}, "text/plain": {}}},
+    },
+)
+async def get_result(
+    request: Request,
+    service: Service,
+    runner: Runner,
+    job_id: str,
+    fmt: Annotated[Literal["json", "md", "txt"], Query(alias="format")] = "json",
+) -> Response:
+    record = await _job(request, runner, job_id)
+    if not record.finished:
+        raise JobNotFinished(
+            f"job {job_id} is {record.status}: {record.pages_done} of {record.pages_total} pages done",
+            status=record.status,
+            pages_done=record.pages_done,
+            pages_total=record.pages_total,
+        )
+    if record.status == "failed":
+        raise JobFailed(f"job {job_id} failed; see `details.error`", error=record.error)
+    try:
+        result = service.assemble(await runner.store.pages(record.id))
+    except OCRError as exc:  # a cancelled job whose few finished pages mostly failed
+        raise JobFailed(f"job {job_id} has no usable result: {exc.message}", error=exc.to_dict()) from None
+    if fmt == "md":
+        return PlainTextResponse(result.text, media_type="text/markdown; charset=utf-8")
+    if fmt == "txt":
+        return PlainTextResponse(markdown_to_text(result.text))
+    return JSONResponse(result.model_dump(mode="json"))
+
+
+@router.get(
+    "/{job_id}/pages/{page}/image",
+    summary="The PNG the model saw for page `page` (1-based)",
+    description="Rendered again from the stored document by the same intake code, so it is the exact image "
+    "that was (or will be) sent to the model.",
+    responses={**error_responses(401, 404, 422), 200: {"content": {"image/png": {}}}},
+)
+async def get_page_image(request: Request, service: Service, runner: Runner, job_id: str, page: int) -> Response:
+    record = await _job(request, runner, job_id)
+    if page not in record.pages:
+        raise InvalidPages(f"page {page} is not part of job {job_id}", page=page, pages=record.pages)
+    data = await runner.store.document(record.id)
+    if data is None:
+        raise JobNotFound(f"no job {job_id!r} (unknown, expired, or not yours)", job_id=job_id)
+    document = await service.open(data, password=record.password)
+    try:
+        image = await anyio.to_thread.run_sync(document.render, page - 1)
+        png = await anyio.to_thread.run_sync(encode_png, image)
+    finally:
+        await anyio.to_thread.run_sync(document.close)
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+
+@router.delete(
+    "/{job_id}",
+    response_model=JobSummary,
+    summary="Cancel a job",
+    description="Pages not started never reach the engine; finished pages are kept and the job ends `cancelled`. "
+    "A job that already ended is returned unchanged.",
+    responses=error_responses(401, 404),
+)
+async def cancel_job(request: Request, runner: Runner, job_id: str) -> JobSummary:
+    await _job(request, runner, job_id)
+    record = await runner.cancel(job_id)
+    if record is None:
+        raise JobNotFound(f"no job {job_id!r} (unknown, expired, or not yours)", job_id=job_id)
+    return summarize(record, runner.clock())
+
+
+# -- plain text ------------------------------------------------------------------------------
+
+_BLOCK_END = {"p", "h1", "h2", "h3", "h4", "h5", "h6", "table", "pre", "blockquote", "ul", "ol", "hr"}
+_LINE_END = {"li", "tr", "div", "caption"}
+_CELL = {"td", "th"}
+
+
+class _Text(HTMLParser):
+    """Collects an HTML fragment's text: blocks end with a blank line, rows with a newline, cells with a tab."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self._pre = 0
+        self._after_br = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in ("br", "hr"):
+            self.parts.append("\n")
+            self._after_br = True  # markdown-it writes `<br />\n`: that newline is the same break
+            return
+        if tag == "pre":
+            self._pre += 1
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "pre":
+            self._pre = max(0, self._pre - 1)
+        if tag in _CELL:
+            self.parts.append("\t")
+        elif tag in _BLOCK_END:
+            self.parts.append("\n\n")
+        elif tag in _LINE_END:
+            self.parts.append("\n")
+
+    def handle_data(self, data: str) -> None:
+        if self._after_br and data.startswith("\n"):
+            data = data[1:]
+        self._after_br = False
+        if self._pre or data.strip() or "\n" not in data:  # newlines between tags are layout, not text
+            self.parts.append(data)
+
+
+@lru_cache(maxsize=1)
+def _markdown() -> MarkdownIt:
+    # Raw HTML kept, so the model's HTML tables become text like pipe tables do.
+    return MarkdownIt("commonmark", {"html": True}).enable("table")
+
+
+def markdown_to_text(markdown: str) -> str:
+    """Markdown as plain text: rendered with markdown-it-py, then stripped of tags (math stays as written)."""
+    parser = _Text()
+    parser.feed(_markdown().render(markdown))
+    parser.close()
+    lines = [line.rstrip() for line in "".join(parser.parts).splitlines()]
+    text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+    return text + "\n" if text else ""

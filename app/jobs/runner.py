@@ -1,0 +1,236 @@
+"""The job runner: takes queued jobs from the store and runs them through `OCRService`.
+
+Up to JOBS_CONCURRENCY jobs run at once; the next job goes preferably to an
+owner with nothing running, so one client's backlog cannot hold every slot.
+Each finished page is stored in its own transaction before the next is
+awaited, so after a crash a job resumes from its first unfinished page and no
+finished page is computed again. Jobs found `running` at start-up belonged to a
+process that died: they are queued again.
+
+Admission limits were checked when the job was submitted; a refusal here
+(rate, per-client pages, queue bound, engine not ready or unreachable) only
+makes the job wait and try again, it never fails it. A graceful stop leaves
+running jobs `running` in the store, to be resumed by the next process.
+
+Only the process holding the store's worker lock runs jobs (and delivers
+webhooks); another process on the same JOBS_DB serves the API and takes over
+within POLL_S once the holder is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from app.errors import OCRError, Retryable
+from app.jobs.store import JobRecord, JobStatus, JobStore, SqliteJobStore, summarize
+from app.jobs.webhooks import WebhookSender
+from app.logs import request_id
+from app.service import OCRService
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+POLL_S = 2.0  # submits, cancels and finished jobs wake the loop at once; this catches other processes' work
+SWEEP_INTERVAL_S = 60.0
+_FIRST_RETRY_S = 0.1
+_INTERNAL_ERROR = {"code": "internal_error", "message": "internal error while running the job; it was logged"}
+
+
+class JobRunner:
+    def __init__(
+        self,
+        service: OCRService,
+        store: JobStore,
+        webhooks: WebhookSender,
+        *,
+        concurrency: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.service = service
+        self.store = store
+        self.webhooks = webhooks
+        self.concurrency = concurrency
+        self.clock = clock
+        self._wake = asyncio.Event()
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._owners: dict[str, str] = {}
+        self._deliveries: set[asyncio.Task[None]] = set()
+        self._background: list[asyncio.Task[None]] = []
+        self._worker = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings, service: OCRService) -> JobRunner:
+        store = SqliteJobStore(
+            settings.jobs_db, ttl_s=settings.jobs_ttl_hours * 3600, max_bytes=settings.jobs_max_bytes
+        )
+        secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
+        webhooks = WebhookSender(
+            secret=secret,
+            max_attempts=settings.webhook_max_attempts,
+            backoff_s=settings.webhook_backoff_s,
+            timeout_s=settings.webhook_timeout_s,
+        )
+        return cls(service, store, webhooks, concurrency=settings.jobs_concurrency)
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._claim()
+        self._background = [
+            asyncio.create_task(self._loop(), name="jobs-loop"),
+            asyncio.create_task(self._sweep_loop(), name="jobs-sweep"),
+        ]
+
+    async def stop(self) -> None:
+        """Stop without touching job states: running jobs resume in the next process."""
+        tasks = [*self._background, *self._running.values(), *self._deliveries]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.webhooks.aclose()
+        self.store.close()
+
+    async def _claim(self) -> None:
+        """Become the worker if no live process is; then resume what the previous worker left."""
+        if self._worker or not self.store.claim_worker():
+            return
+        self._worker = True
+        requeued = await self.store.requeue_running()
+        if requeued:
+            log.info("resuming %d job(s) left running by the previous process", requeued)
+        for record in await self.store.pending_webhooks():
+            self._deliver_later(record)
+
+    def notify(self) -> None:
+        """A job was queued: look for work now rather than at the next poll."""
+        self._wake.set()
+
+    async def cancel(self, job_id: str) -> JobRecord | None:
+        """Mark the job cancelled, then stop its pages: those not started never reach the engine."""
+        record, changed = await self.store.cancel(job_id)
+        task = self._running.get(job_id)
+        if changed and task is not None:
+            task.cancel()
+            await asyncio.wait({task})
+        if changed and record is not None:
+            self._deliver_later(record)
+        return record
+
+    # -- scheduling ----------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                await self._claim()
+                while self._worker and len(self._running) < self.concurrency:
+                    record = await self.store.next_queued(self._running.keys(), set(self._owners.values()))
+                    if record is None:
+                        break
+                    self._launch(record)
+            except Exception:  # a store failure must not kill the runner: retry at the next wake-up
+                log.exception("job runner: cannot read queued jobs")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(POLL_S):
+                    await self._wake.wait()
+
+    def _launch(self, record: JobRecord) -> None:
+        task = asyncio.create_task(self._run(record), name=f"job-{record.id}")
+        self._running[record.id] = task
+        self._owners[record.id] = record.owner
+
+        def done(_: asyncio.Task[None]) -> None:
+            self._running.pop(record.id, None)
+            self._owners.pop(record.id, None)
+            self._wake.set()
+
+        task.add_done_callback(done)
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            try:
+                if deleted := await self.store.sweep():
+                    log.info("deleted %d expired job(s)", deleted)
+            except Exception:
+                log.exception("job runner: sweep failed")
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+
+    # -- one job -------------------------------------------------------------------------
+
+    async def _run(self, record: JobRecord) -> None:
+        try:
+            await self._process(record)
+        except Exception:
+            log.exception("job %s failed unexpectedly", record.id)
+            await self._finish(record.id, "failed", _INTERNAL_ERROR)
+
+    async def _process(self, record: JobRecord) -> None:
+        data = await self.store.document(record.id)
+        if data is None:  # deleted meanwhile
+            return
+        wait = _FIRST_RETRY_S
+        while True:
+            try:
+                if not await self._attempt(record, data):
+                    return
+                break
+            except Retryable as exc:
+                wait = min(wait * 2, float(exc.retry_after))
+                log.info("job %s waits %.1fs: %s (%s)", record.id, wait, exc.code, exc.message)
+                await asyncio.sleep(wait)
+            except OCRError as exc:  # the document no longer passes (say, MAX_PAGES was lowered)
+                await self._finish(record.id, "failed", exc.to_dict())
+                return
+        try:
+            result = self.service.assemble(await self.store.pages(record.id))
+        except OCRError as exc:
+            await self._finish(record.id, "failed", exc.to_dict())
+            return
+        await self._finish(record.id, "succeeded" if result.status == "ok" else "partial")
+
+    async def _attempt(self, record: JobRecord, data: bytes) -> bool:
+        """Admit the document and run its unfinished pages; False when the job was cancelled meanwhile."""
+        done = frozenset(page.page for page in await self.store.pages(record.id))
+        service = self.service
+        # The job's pages were charged to the client's rate at submit time; its log lines carry the job id.
+        request_id.set(f"job:{record.id}")
+        async with service.admit(
+            data, pages=record.pages_spec, password=record.password, client=record.owner, charge_rate=False
+        ) as job:
+            if not await self.store.mark_running(record.id):
+                return False
+            job.ticket.release(sum(1 for index in job.pages if index + 1 in done))
+            pages = service.iter_pages(job, skip=done)
+            try:
+                async for page in pages:
+                    if not await self.store.add_page(record.id, page):
+                        return False  # cancelled through another process: drop the pages not started
+            finally:
+                await pages.aclose()
+        return True
+
+    async def _finish(self, job_id: str, status: JobStatus, error: dict[str, Any] | None = None) -> None:
+        record = await self.store.finish(job_id, status, error)
+        if record is not None:
+            log.info("job %s %s (%d/%d pages)", job_id, status, record.pages_done, record.pages_total)
+            self._deliver_later(record)
+
+    # -- webhooks ------------------------------------------------------------------------
+
+    def _deliver_later(self, record: JobRecord) -> None:
+        if record.callback_url is None or record.webhook != "pending":
+            return
+        task = asyncio.create_task(self._deliver(record), name=f"webhook-{record.id}")
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
+
+    async def _deliver(self, record: JobRecord) -> None:
+        assert record.callback_url is not None
+        payload = summarize(record, self.clock()).model_dump(mode="json", exclude={"webhook"})
+        delivery = await self.webhooks.deliver(record.callback_url, payload)
+        await self.store.set_webhook(record.id, "delivered" if delivery.delivered else "failed", delivery.attempts)
