@@ -1,0 +1,439 @@
+// The LightOnOCR web page: upload a document, stream its pages from /api/inference
+// (NDJSON), and show each page's image (from /web/render) beside its rendered markdown.
+// Plain browser JavaScript, no build step; markdown-it, KaTeX and DOMPurify are vendored.
+(() => {
+  "use strict";
+
+  const $ = (id) => document.getElementById(id);
+  const KEY_STORAGE = "lightonocr.apiKey";
+
+  // ---------------------------------------------------------------- markdown and math
+
+  // Model output is untrusted: it may carry any HTML. It is rendered, then sanitized
+  // with DOMPurify (no scripts, no event handlers, no javascript: URLs); ids and names
+  // are dropped so output cannot shadow the page's own elements.
+  const SANITIZE = {
+    USE_PROFILES: { html: true, svg: true, mathMl: true },
+    FORBID_TAGS: ["style", "form", "input", "button", "textarea", "select", "iframe"],
+    FORBID_ATTR: ["id", "name"],
+  };
+
+  const MATH_DELIMITERS = [
+    ["$$", "$$", true],
+    ["\\[", "\\]", true],
+    ["\\(", "\\)", false],
+  ];
+
+  // Math starting at `pos` in `src`: {tex, display, end} or null.
+  function findMath(src, pos) {
+    for (const [open, close, display] of MATH_DELIMITERS) {
+      if (src.startsWith(open, pos)) {
+        const end = src.indexOf(close, pos + open.length);
+        if (end <= pos + open.length) return null;
+        return { tex: src.slice(pos + open.length, end), display, end: end + close.length };
+      }
+    }
+    // Single dollars follow pandoc's rule so prices ("$5 and $10") stay text: no space
+    // after the opening $, none before the closing one, and no digit right after it.
+    if (src[pos] !== "$" || /\s/.test(src[pos + 1] || " ")) return null;
+    for (let end = src.indexOf("$", pos + 1); end !== -1; end = src.indexOf("$", end + 1)) {
+      if (/[\s\\]/.test(src[end - 1]) || /\d/.test(src[end + 1] || "")) continue;
+      return { tex: src.slice(pos + 1, end), display: false, end: end + 1 };
+    }
+    return null;
+  }
+
+  function typeset(tex, display) {
+    try {
+      return window.katex.renderToString(tex, { displayMode: display, throwOnError: false });
+    } catch {
+      return escapeHtml(display ? `$$${tex}$$` : `$${tex}$`);
+    }
+  }
+
+  // Math inside raw HTML blocks (LightOnOCR's tables) is typeset in the text between tags.
+  function typesetHtml(html) {
+    return html
+      .split(/(<[^>]*>)/)
+      .map((part, i) => (i % 2 ? part : typesetText(part)))
+      .join("");
+  }
+
+  function typesetText(text) {
+    let out = "";
+    let last = 0;
+    for (let pos = 0; pos < text.length; pos++) {
+      if (text[pos] !== "$" && text[pos] !== "\\") continue;
+      const found = findMath(text, pos);
+      if (!found) {
+        if (text[pos] === "\\") pos++; // an escaped character is never a delimiter
+        continue;
+      }
+      out += text.slice(last, pos) + typeset(decodeEntities(found.tex), found.display);
+      last = found.end;
+      pos = found.end - 1;
+    }
+    return out + text.slice(last);
+  }
+
+  // A markdown-it rule that takes math before markdown sees it, so `_`, `*` and `\\`
+  // inside formulas are not turned into emphasis or escapes.
+  function mathPlugin(md) {
+    md.inline.ruler.before("escape", "math", (state, silent) => {
+      const found = findMath(state.src, state.pos);
+      if (!found) return false;
+      if (!silent) {
+        const token = state.push("math", "", 0);
+        token.content = found.tex;
+        token.meta = { display: found.display };
+      }
+      state.pos = found.end;
+      return true;
+    });
+    md.renderer.rules.math = (tokens, i) => typeset(tokens[i].content, tokens[i].meta.display);
+    md.renderer.rules.html_block = (tokens, i) => typesetHtml(tokens[i].content);
+  }
+
+  const markdown = window.markdownit({ html: true, linkify: false, typographer: false }).use(mathPlugin);
+
+  function renderMarkdown(text) {
+    return window.DOMPurify.sanitize(markdown.render(text), SANITIZE);
+  }
+
+  function escapeHtml(text) {
+    const span = document.createElement("span");
+    span.textContent = text;
+    return span.innerHTML;
+  }
+
+  function decodeEntities(html) {
+    const area = document.createElement("textarea"); // parses entities only, never markup
+    area.innerHTML = html;
+    return area.value;
+  }
+
+  // ---------------------------------------------------------------- state and layout
+
+  let run = null; // the run on screen: {controller, pages, images, imageError, result}
+
+  function element(tag, className, text) {
+    const node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  function showError(message, code) {
+    const box = $("error");
+    box.textContent = message;
+    box.dataset.code = code || "";
+    box.hidden = false;
+  }
+
+  function clearError() {
+    $("error").hidden = true;
+    $("error").textContent = "";
+  }
+
+  // One slot per selected page, created in page order, filled as pages finish.
+  function addSlot(number) {
+    const slot = element("article", "page");
+    slot.dataset.page = String(number);
+    const header = element("header");
+    header.append(element("h2", "", `Page ${number}`), element("span", "badge", "reading…"), element("span", "meta"));
+    const copy = element("button", "quiet", "Copy");
+    copy.type = "button";
+    copy.disabled = true;
+    copy.addEventListener("click", () => copyText(run.pages.get(number).text, copy));
+    header.append(copy);
+    const figure = element("figure");
+    figure.append(element("p", "placeholder", "Rendering the page…"));
+    const columns = element("div", "columns");
+    columns.append(figure, element("div", "markdown pending", "Waiting for the model…"));
+    slot.append(header, columns);
+    $("results").append(slot);
+    paintImage(number);
+  }
+
+  function slotOf(number) {
+    return $("results").querySelector(`.page[data-page="${number}"]`);
+  }
+
+  function paintImage(number) {
+    const slot = slotOf(number);
+    const rendered = run.images.get(number);
+    if (!slot || !(rendered || run.imageError)) return;
+    const figure = slot.querySelector("figure");
+    if (!rendered) {
+      figure.replaceChildren(element("p", "placeholder", `Image unavailable: ${run.imageError}`));
+      return;
+    }
+    const img = element("img");
+    img.src = rendered.image;
+    img.alt = `Page ${number} as the model saw it`;
+    img.width = rendered.width;
+    img.height = rendered.height;
+    figure.replaceChildren(img, element("figcaption", "", `${rendered.width} × ${rendered.height} px, as sent to the model`));
+  }
+
+  function paintPage(page) {
+    run.pages.set(page.page, page);
+    const slot = slotOf(page.page);
+    if (!slot) return;
+    const badge = slot.querySelector(".badge");
+    badge.textContent = page.status;
+    badge.className = `badge ${page.status}`;
+    const seconds = typeof page.seconds === "number" ? `${page.seconds.toFixed(1)} s` : "";
+    slot.querySelector(".meta").textContent = [`${page.tokens} tokens`, seconds].filter(Boolean).join(" · ");
+    const body = slot.querySelector(".markdown");
+    if (page.status === "failed") {
+      body.className = "markdown failed";
+      body.textContent = `This page failed: ${page.error ? page.error.message : "no text"}`;
+    } else {
+      body.className = "markdown";
+      body.innerHTML = renderMarkdown(page.text);
+    }
+    slot.querySelector("header button").disabled = page.status === "failed";
+  }
+
+  function paintProgress(done, total) {
+    const bar = $("progress");
+    bar.max = Math.max(total, 1);
+    bar.value = done;
+    const percent = total ? Math.round((100 * done) / total) : 100;
+    $("progress-text").textContent = `${done} / ${total} pages (${percent}%)`;
+  }
+
+  function documentMarkdown() {
+    if (run.result) return run.result.text;
+    return [...run.pages.values()]
+      .sort((a, b) => a.page - b.page)
+      .map((page) => page.text)
+      .join("\n\n");
+  }
+
+  function enableDownloads() {
+    const any = run.result !== null || run.pages.size > 0;
+    for (const id of ["copy-all", "download-md", "download-json"]) $(id).disabled = !any;
+  }
+
+  // ---------------------------------------------------------------- talking to the API
+
+  function authHeaders(extra) {
+    const key = $("key").value.trim();
+    return key ? { ...extra, Authorization: `Bearer ${key}` } : extra;
+  }
+
+  // The API's error shape ({"error": {"code", "message"}}) in words; 401 says what to do.
+  async function failureOf(response) {
+    let error = { code: `http_${response.status}`, message: `${response.status} ${response.statusText}` };
+    try {
+      const body = await response.json();
+      if (body && body.error && body.error.message) error = body.error;
+    } catch {
+      // not JSON (a proxy's page, say): keep the status line
+    }
+    if (response.status === 401) {
+      error = $("key").value.trim()
+        ? { code: error.code, message: "API key invalid: the service refused the key in the API key field." }
+        : { code: error.code, message: "API key required: enter the service's API key in the API key field." };
+    }
+    return error;
+  }
+
+  // Yields one parsed object per NDJSON line as the bytes arrive.
+  async function* ndjson(body) {
+    const reader = body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      buffer += decoder.decode(value, { stream: !done });
+      const lines = buffer.split("\n");
+      buffer = lines.pop();
+      for (const line of lines) if (line.trim()) yield JSON.parse(line);
+      if (done) break;
+    }
+    if (buffer.trim()) yield JSON.parse(buffer);
+  }
+
+  function formData(file) {
+    const form = new FormData();
+    form.append("file", file);
+    const pages = $("pages").value.trim();
+    const password = $("password").value;
+    if (pages) form.append("pages", pages);
+    if (password) form.append("password", password);
+    return form;
+  }
+
+  // Page images come from the service's own intake, so they are exactly what the model saw.
+  async function loadImages(state, file) {
+    try {
+      const response = await fetch("web/render", {
+        method: "POST",
+        body: formData(file),
+        headers: authHeaders({ Accept: "application/json" }),
+        signal: state.controller.signal,
+      });
+      if (response.ok) {
+        for (const page of (await response.json()).pages) state.images.set(page.page, page);
+      } else {
+        state.imageError = (await failureOf(response)).message;
+      }
+    } catch (err) {
+      if (err.name === "AbortError") return;
+      state.imageError = err.message;
+    }
+    if (run !== state) return;
+    for (const slot of $("results").querySelectorAll(".page")) paintImage(Number(slot.dataset.page));
+  }
+
+  function handle(event) {
+    switch (event.event) {
+      case "start":
+        event.pages.forEach((number) => addSlot(number));
+        paintProgress(0, event.total);
+        break;
+      case "page":
+        paintPage(event.page);
+        enableDownloads();
+        break;
+      case "progress":
+        paintProgress(event.done, event.total);
+        break;
+      case "result": {
+        run.result = event.result; // its pages were already shown, one `page` event each
+        const failed = event.result.failed_pages.length;
+        if (failed) showError(`${failed} page(s) failed: ${event.result.failed_pages.join(", ")}.`, "failed_pages");
+        enableDownloads();
+        break;
+      }
+      case "error":
+        showError(event.error.message, event.error.code);
+        break;
+      default:
+        break; // events added later are ignored, not fatal
+    }
+  }
+
+  async function start(submit) {
+    submit.preventDefault();
+    const file = $("file").files[0];
+    if (!file) {
+      showError("Choose a PDF or image first.", "no_file");
+      return;
+    }
+    if (run) run.controller.abort();
+    const state = { controller: new AbortController(), pages: new Map(), images: new Map(), imageError: null, result: null };
+    run = state;
+    clearError();
+    $("results").replaceChildren();
+    $("status").hidden = false;
+    paintProgress(0, 0);
+    $("progress-text").textContent = "Uploading…";
+    enableDownloads();
+    $("run").disabled = true;
+    const images = loadImages(state, file);
+    try {
+      const response = await fetch("api/inference", {
+        method: "POST",
+        body: formData(file),
+        headers: authHeaders({ Accept: "application/x-ndjson" }),
+        signal: state.controller.signal,
+      });
+      if (!response.ok) {
+        const error = await failureOf(response);
+        showError(error.message, error.code);
+        $("status").hidden = true;
+        state.controller.abort(); // no pages will come: stop rendering images too
+        return;
+      }
+      for await (const event of ndjson(response.body)) {
+        if (run !== state) return;
+        handle(event);
+      }
+      if (!state.result && $("error").hidden) showError("The connection closed before the document was finished.", "stream_closed");
+    } catch (err) {
+      if (err.name !== "AbortError") showError(`The request failed: ${err.message}`, "network_error");
+    } finally {
+      if (run === state) $("run").disabled = false;
+    }
+    await images;
+  }
+
+  // ---------------------------------------------------------------- copy and download
+
+  async function copyText(text, button) {
+    try {
+      await navigator.clipboard.writeText(text);
+    } catch {
+      // navigator.clipboard needs a secure context (https or localhost): fall back.
+      const area = element("textarea");
+      area.value = text;
+      document.body.append(area);
+      area.select();
+      document.execCommand("copy");
+      area.remove();
+    }
+    const label = button.textContent;
+    button.textContent = "Copied";
+    setTimeout(() => (button.textContent = label), 1200);
+  }
+
+  function download(name, type, text) {
+    const url = URL.createObjectURL(new Blob([text], { type }));
+    const link = element("a");
+    link.href = url;
+    link.download = name;
+    link.click();
+    setTimeout(() => URL.revokeObjectURL(url), 0);
+  }
+
+  function baseName() {
+    const file = $("file").files[0];
+    return file ? file.name.replace(/\.[^.]*$/, "") || "document" : "document";
+  }
+
+  // ---------------------------------------------------------------- wiring
+
+  function showFileName() {
+    const file = $("file").files[0];
+    $("drop-text").textContent = file ? `${file.name} (${Math.ceil(file.size / 1024)} KB)` : "Drop a PDF or image here, or click to choose one";
+  }
+
+  function wire() {
+    const drop = $("drop");
+    drop.addEventListener("dragover", (event) => {
+      event.preventDefault();
+      drop.classList.add("over");
+    });
+    drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+    drop.addEventListener("drop", (event) => {
+      event.preventDefault();
+      drop.classList.remove("over");
+      if (event.dataTransfer.files.length) {
+        $("file").files = event.dataTransfer.files;
+        showFileName();
+      }
+    });
+    $("file").addEventListener("change", showFileName);
+    $("form").addEventListener("submit", start);
+
+    const key = $("key");
+    key.value = sessionStorage.getItem(KEY_STORAGE) || "";
+    key.addEventListener("input", () => {
+      if (key.value.trim()) sessionStorage.setItem(KEY_STORAGE, key.value.trim());
+      else sessionStorage.removeItem(KEY_STORAGE);
+    });
+
+    $("copy-all").addEventListener("click", (event) => copyText(documentMarkdown(), event.currentTarget));
+    $("download-md").addEventListener("click", () => download(`${baseName()}.md`, "text/markdown", documentMarkdown()));
+    $("download-json").addEventListener("click", () => {
+      const body = run.result || { pages: [...run.pages.values()].sort((a, b) => a.page - b.page) };
+      download(`${baseName()}.json`, "application/json", JSON.stringify(body, null, 2));
+    });
+  }
+
+  wire();
+})();

@@ -1,0 +1,273 @@
+"""`lightonocr`: in-process on the tiny real model, against a live service, and `serve` as a real process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from typer.testing import CliRunner, Result
+
+from app.cli import cli, markdown_to_text
+from app.results import DocumentResult, PageResult
+from app.settings import get_settings
+from tests.conftest import ServiceFactory
+from tests.support.documents import make_pdf, make_png
+from tests.support.openai_stub import Reply, StubVLLM
+from tests.support.server import ServedApp
+
+PAGE_PT = (144, 180)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Run where no `.env` is, with settings read afresh from this test's environment."""
+    monkeypatch.chdir(tmp_path)
+    get_settings.cache_clear()
+    yield tmp_path
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def inputs(workdir: Path) -> dict[str, Path]:
+    folder = workdir / "in"
+    folder.mkdir()
+    files = {
+        "a": folder / "a.pdf",
+        "b": folder / "b.png",
+        "bad": folder / "bad.pdf",
+    }
+    files["a"].write_bytes(make_pdf(3, PAGE_PT))
+    files["b"].write_bytes(make_png(300, 400, page_id=7))
+    files["bad"].write_bytes(b"this is not a document")
+    return files
+
+
+def invoke(*args: str) -> Result:
+    return CliRunner().invoke(cli, list(args))
+
+
+# -- txt ---------------------------------------------------------------------------------
+
+
+def test_txt_strips_markup_and_keeps_words() -> None:
+    markdown = (
+        "# Annual *report*\n\n"
+        "Revenue grew **12%**, see [the table](http://x/t) and `code`.\n\n"
+        "| Year | Total |\n|---|---:|\n| 2024 | 5 |\n\n"
+        "<table><tr><th>A</th><th>B</th></tr><tr><td>1 &amp; 2</td><td>3</td></tr></table>\n\n"
+        "```python\nprint(1)\n```\n\n"
+        "- item with $x_1 + y_2$\n\n![a chart](img.png)\n\n> quoted"
+    )
+    assert markdown_to_text(markdown) == (
+        "Annual report\n\n"
+        "Revenue grew 12%, see the table and code.\n\n"
+        "Year\tTotal\n2024\t5\n\n"
+        "A\tB\n1 & 2\t3\n\n"
+        "print(1)\n\n"
+        "- item with $x_1 + y_2$\n\na chart\n\nquoted\n"
+    )
+
+
+# -- in process ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_env(tiny_checkpoint: Path, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in {
+        "MODEL_SOURCE": "huggingface",
+        "MODEL_NAME": str(tiny_checkpoint),
+        "DEVICE": "cpu",
+        "MAX_NEW_TOKENS": "8",
+        "RETRY_TEMPERATURES": "",
+    }.items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.mark.usefixtures("tiny_env")
+def test_in_process_writes_json_and_reports_the_bad_file(inputs: dict[str, Path], workdir: Path) -> None:
+    result = invoke("ocr", str(inputs["a"]), str(inputs["bad"]), str(inputs["b"]), "-o", "out", "--format", "json")
+    assert result.exit_code == 1, result.output
+    assert sorted(path.name for path in (workdir / "out").iterdir()) == ["a.json", "b.json"]
+    a = DocumentResult.model_validate_json((workdir / "out" / "a.json").read_text())
+    assert [page.page for page in a.pages] == [1, 2, 3]
+    assert all(page.tokens > 0 for page in a.pages)
+    assert len(DocumentResult.model_validate_json((workdir / "out" / "b.json").read_text()).pages) == 1
+    assert "bad.pdf: unsupported_media_type" in result.stderr
+    assert "1 of 3 file(s) failed" in result.stderr
+
+
+@pytest.mark.usefixtures("tiny_env")
+def test_in_process_md_into_the_current_directory(inputs: dict[str, Path], workdir: Path) -> None:
+    result = invoke("ocr", str(inputs["a"]), "--pages", "2")
+    assert result.exit_code == 0, result.output
+    text = (workdir / "a.md").read_text()
+    assert text.strip()
+    assert result.stdout == ""  # progress and messages go to stderr
+
+
+@pytest.mark.usefixtures("workdir")
+def test_in_process_engine_failure_fails_every_file(inputs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODEL_SOURCE", "huggingface")
+    monkeypatch.setenv("MODEL_NAME", str(inputs["a"].parent / "no-such-checkpoint"))
+    monkeypatch.setenv("DEVICE", "cpu")
+    result = invoke("ocr", str(inputs["a"]), str(inputs["b"]))
+    assert result.exit_code == 1
+    assert result.stderr.count("the engine failed to start") == 2
+
+
+@pytest.mark.usefixtures("workdir")
+def test_bad_configuration_exits_2(inputs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAX_PAGES", "zero")
+    result = invoke("ocr", str(inputs["a"]))
+    assert result.exit_code == 2
+    assert "MAX_PAGES" in result.stderr
+
+
+# -- against a service ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["md", "json", "txt"])
+def test_server_writes_each_format(
+    fmt: str, inputs: dict[str, Path], workdir: Path, vllm_service: ServiceFactory
+) -> None:
+    url = vllm_service()
+    result = invoke("ocr", *(str(path) for path in inputs.values()), "--server", url, "-o", "out", "-f", fmt)
+    assert result.exit_code == 1, result.output
+    assert sorted(path.name for path in (workdir / "out").iterdir()) == [f"a.{fmt}", f"b.{fmt}"]
+    a = (workdir / "out" / f"a.{fmt}").read_text()
+    b = (workdir / "out" / f"b.{fmt}").read_text()
+    if fmt == "json":
+        assert DocumentResult.model_validate_json(a).text == "page 1\n\npage 2\n\npage 3"
+        assert json.loads(b)["text"] == "page 7"
+    else:
+        assert a == "page 1\n\npage 2\n\npage 3\n"
+        assert b == "page 7\n"
+    assert "bad.pdf: unsupported_media_type" in result.stderr
+    assert "3/3" in result.stderr  # per-page progress from the stream
+
+
+def test_server_with_pages_and_keys(inputs: dict[str, Path], workdir: Path, vllm_service: ServiceFactory) -> None:
+    url = vllm_service(api_keys="k-123")
+    ok = invoke("ocr", str(inputs["a"]), "--server", url, "--api-key", "k-123", "--pages", "2-3")
+    assert ok.exit_code == 0, ok.output
+    assert (workdir / "a.md").read_text() == "page 2\n\npage 3\n"
+    refused = invoke("ocr", str(inputs["b"]), "--server", url, "--api-key", "wrong")
+    assert refused.exit_code == 1
+    assert "unauthorized" in refused.stderr
+    assert "wrong" not in refused.stderr.replace("unauthorized", "")
+
+
+def test_server_error_event_mid_stream(inputs: dict[str, Path], stub: StubVLLM, vllm_service: ServiceFactory) -> None:
+    stub.responder = lambda request: Reply(status=400, message="no")
+    url = vllm_service(vllm_max_retries=0)
+    result = invoke("ocr", str(inputs["b"]), "--server", url)
+    assert result.exit_code == 1
+    assert "b.png: engine_error" in result.stderr
+
+
+def test_server_without_streaming_falls_back_to_json(inputs: dict[str, Path], workdir: Path) -> None:
+    """An older service answers plain JSON whatever the Accept header says."""
+    page = PageResult(
+        page=1, text="# Old", width=10, height=10, finish_reason="stop", tokens=2, seconds=0.1, status="ok", attempts=1
+    )
+    document = DocumentResult(status="ok", text="# Old", blocks=[], model_version="m", pages=[page])
+
+    async def inference(request: Request) -> JSONResponse:
+        await request.body()
+        return JSONResponse(document.model_dump(mode="json"))
+
+    app = Starlette(routes=[Route("/api/inference", inference, methods=["POST"])])
+    with ServedApp(app, lifespan="off") as served:
+        result = invoke("ocr", str(inputs["b"]), "--server", served.url, "-f", "txt")
+    assert result.exit_code == 0, result.output
+    assert (workdir / "b.txt").read_text() == "Old\n"
+
+
+def test_unreachable_server(inputs: dict[str, Path]) -> None:
+    result = invoke("ocr", str(inputs["b"]), "--server", "http://127.0.0.1:9")
+    assert result.exit_code == 1
+    assert "request to http://127.0.0.1:9 failed" in result.stderr
+
+
+# -- info ------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("workdir")
+def test_info_in_process_without_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODEL_SOURCE", "vllm")
+    monkeypatch.setenv("VLLM_BASE_URL", "http://vllm.example:8001/v1")
+    monkeypatch.setenv("API_KEYS", "very-secret")
+    result = invoke("info", "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["engine"] == "vllm"
+    assert info["device"] == "remote (http://vllm.example:8001/v1)"
+    assert info["api_keys"] == "on"
+    assert "very-secret" not in result.stdout
+    table = invoke("info")
+    assert "limits.max_pages" in table.stdout
+
+
+def test_info_from_server(vllm_service: ServiceFactory) -> None:
+    url = vllm_service()
+    result = invoke("info", "--server", url, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == httpx.get(f"{url}/info").json()
+
+
+# -- serve -----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_serve_runs_the_service_with_json_logs(stub: StubVLLM, workdir: Path) -> None:
+    script = Path(sys.executable).with_name("lightonocr")
+    if not script.exists():
+        pytest.skip("the lightonocr console script is not installed (uv sync)")
+    port = free_port()
+    env = {**os.environ, "MODEL_SOURCE": "vllm", "VLLM_BASE_URL": stub.base_url, "LOG_FORMAT": "json"}
+    process = subprocess.Popen(
+        [str(script), "serve", "--port", str(port)], env=env, cwd=workdir, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None, "serve exited"
+            assert time.monotonic() < deadline, "serve did not come up"
+            time.sleep(0.05)
+        response = httpx.post(f"{url}/api/inference", files={"file": ("b.png", make_png(300, 400, page_id=3))})
+        assert response.json()["text"] == "page 3"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    assert process.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once shut down
+    lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    assert any("shutdown complete" in line["message"] for line in lines), stderr  # graceful, lifespan closed
+    assert any(line["logger"].startswith("uvicorn") for line in lines)  # uvicorn's own lines, as JSON
+    access = [line for line in lines if line["logger"] == "app.access"]
+    assert [(line["route"], line["status"]) for line in access] == [("/api/inference", 200)]
+    assert access[0]["request_id"] == response.headers["X-Request-ID"]

@@ -1,0 +1,195 @@
+"""The web page end to end in real headless Chromium (Playwright) against a live service on loopback.
+
+Needs Debian's Chromium (`apt-get install -y chromium`; `.ci/run` installs it when it can) or
+`LIGHTONOCR_CHROMIUM=/path/to/chrome`; skips with the reason when there is none. Writes a
+screenshot to `artifacts/web-page.png`; with `LIGHTONOCR_DOCS_SCREENSHOT=1` also refreshes
+`docs/web-page.png`, the README's picture.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("playwright", reason="playwright is not installed (uv sync installs it)")
+
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from tests.conftest import ServiceFactory
+from tests.support.documents import make_pdf, page_id_of
+from tests.support.openai_stub import Reply, StubRequest, StubVLLM
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = os.environ.get("LIGHTONOCR_CHROMIUM", "/usr/bin/chromium")
+# Without the background-networking flags Chromium tries to reach Google and, on a closed
+# network, gets its connections refused.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+TIMEOUT_MS = 30_000  # generous for two shared cores; waits end as soon as the condition holds
+expect.set_options(timeout=TIMEOUT_MS)
+KEY = "browser-test-key"
+PAGES = 3
+
+
+def markdown_for(request: StubRequest) -> Reply:
+    """Per page: a heading, an HTML table, display and inline math; page 1 finishes last."""
+    number = page_id_of(request.image)
+    text = (
+        f"# Heading {number}\n\nRevenue for *page {number}*, where $a_1 * b_2$ holds.\n\n"
+        "<table><tr><td>A1</td></tr></table>\n\n$$E=mc^2$$"
+    )
+    if number == 2:  # model output is untrusted: none of this may run
+        text += '\n\n<img src="x" onerror="window.__pwned = 1"><script>window.__pwned = 2</script>'
+    return Reply(text=text, delay_s=0.4 if number == 1 else 0.0)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}: `apt-get install -y chromium` or set LIGHTONOCR_CHROMIUM")
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1280, "height": 860}, accept_downloads=True)
+    context.set_default_timeout(TIMEOUT_MS)
+    tab = context.new_page()
+    errors: list[str] = []
+    tab.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield tab
+    context.close()
+    assert errors == [], f"JavaScript errors on the page: {errors}"
+
+
+@pytest.fixture
+def pdf(tmp_path: Path) -> Path:
+    path = tmp_path / "three-pages.pdf"
+    path.write_bytes(make_pdf(PAGES, (200, 260)))
+    return path
+
+
+def read(page: Page, url: str, document: Path) -> None:
+    page.goto(f"{url}/")
+    page.set_input_files("#file", document)
+    page.click("#run")
+
+
+def expect_pages_read(page: Page) -> None:
+    """Every page in page order, each with its table, typeset math and the image the model saw."""
+    expect(page.locator("#progress-text")).to_contain_text("(100%)")
+    slots = page.locator(".page")
+    expect(slots).to_have_count(PAGES)
+    assert [slots.nth(i).get_attribute("data-page") for i in range(PAGES)] == ["1", "2", "3"]
+    for number in range(1, PAGES + 1):
+        slot = page.locator(f'.page[data-page="{number}"]')
+        expect(slot.locator(".markdown h1")).to_have_text(f"Heading {number}")
+        expect(slot.locator(".markdown table td")).to_have_text("A1")
+        expect(slot.locator(".markdown .katex-display")).to_have_count(1)
+        expect(slot.locator(".markdown .katex")).to_have_count(2)  # and the inline one: `*` is not emphasis
+        expect(slot.locator(".markdown em")).to_have_text(f"page {number}")
+        expect(slot.locator(".badge")).to_have_text("ok")
+        image = slot.locator("figure img")
+        expect(image).to_be_visible()
+        expect(slot.locator("figcaption")).to_contain_text("556 × 723 px")  # 200 DPI of 200x260 pt
+        assert image.evaluate("img => img.complete && img.naturalWidth") == 556
+    progress = page.locator("#progress")
+    assert progress.evaluate("bar => [bar.value, bar.max]") == [PAGES, PAGES]
+    expect(page.locator("#error")).to_be_hidden()
+
+
+def test_streams_a_pdf_into_pages_with_tables_math_and_images(
+    page: Page, stub: StubVLLM, vllm_service: ServiceFactory, pdf: Path
+) -> None:
+    stub.responder = markdown_for
+    read(page, vllm_service(), pdf)
+    expect_pages_read(page)
+    assert page.evaluate("window.__pwned") is None
+    expect(page.locator('.page[data-page="2"] .markdown script')).to_have_count(0)
+
+    with page.expect_download() as download:
+        page.click("#download-md")
+    markdown = Path(download.value.path()).read_text()
+    assert download.value.suggested_filename == "three-pages.md"
+    assert re.findall(r"# Heading (\d)", markdown) == ["1", "2", "3"]
+
+    save_screenshots(page)
+
+
+def test_api_key_is_asked_for_in_words_then_used(
+    page: Page, stub: StubVLLM, vllm_service: ServiceFactory, pdf: Path
+) -> None:
+    stub.responder = markdown_for
+    url = vllm_service(api_keys=KEY)
+    read(page, url, pdf)  # the page itself loads without a key
+    error = page.locator("#error")
+    expect(error).to_have_text(re.compile(r"^API key required"))
+    expect(error).to_have_attribute("data-code", "unauthorized")
+
+    page.fill("#key", "not-the-key")
+    page.click("#run")
+    expect(error).to_have_text(re.compile(r"^API key invalid"))
+
+    page.fill("#key", KEY)
+    page.reload()  # the key survives in sessionStorage
+    expect(page.locator("#key")).to_have_value(KEY)
+    drop(page, pdf)  # this time the file is dropped, not picked
+    expect(page.locator("#drop-text")).to_contain_text("three-pages.pdf")
+    page.click("#run")
+    expect_pages_read(page)
+
+
+def test_errors_before_and_during_the_stream_are_shown_in_words(
+    page: Page, stub: StubVLLM, vllm_service: ServiceFactory, pdf: Path
+) -> None:
+    stub.responder = lambda request: Reply(status=400, message="this page is not welcome")
+    url = vllm_service(max_pages=2, vllm_max_retries=0, retry_temperatures="")
+    read(page, url, pdf)  # 3 pages, limit 2: refused before the stream starts
+    error = page.locator("#error")
+    expect(error).to_contain_text("3 pages selected; the limit is 2 (MAX_PAGES)")
+    expect(error).to_have_attribute("data-code", "too_many_pages")
+
+    page.fill("#pages", "1-2")
+    page.click("#run")  # streamed, then every page fails: an `error` event ends the stream
+    expect(page.locator(".page")).to_have_count(2)
+    expect(error).to_have_attribute("data-code", re.compile(r"engine_error|document_failed"))
+    expect(error).not_to_be_empty()
+    expect(page.locator('.page[data-page="1"] .markdown')).to_contain_text("This page failed")
+    expect(page.locator('.page[data-page="1"] figure img')).to_be_visible()  # the image still shows
+
+
+def drop(page: Page, document: Path) -> None:
+    """Drop `document` on the drop zone the way a browser does (a DataTransfer holding a File)."""
+    transfer = page.evaluate_handle(
+        """([name, b64]) => {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], name, { type: "application/pdf" }));
+            return transfer;
+        }""",
+        [document.name, base64.b64encode(document.read_bytes()).decode()],
+    )
+    page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+
+
+def save_screenshots(page: Page) -> None:
+    artifact = ROOT / "artifacts" / "web-page.png"
+    artifact.parent.mkdir(exist_ok=True)
+    page.screenshot(path=artifact)
+    if os.environ.get("LIGHTONOCR_DOCS_SCREENSHOT") == "1":
+        page.screenshot(path=ROOT / "docs" / "web-page.png")
