@@ -1,18 +1,85 @@
-"""Image encoding shared by engines and the API."""
+"""Image encoding shared by engines and the API.
+
+`encode_png` is on every page's path to vLLM, so it is tuned (bench/intake.py
+measures it; docs/benchmarks.md has the numbers). Pillow's PNG writer tries
+four filters on every row and was 4-10x slower than the rest of intake; we
+write the PNG ourselves with one fixed filter and zlib level 1. The image is
+still lossless: it decodes to exactly the pixels given
+(tests/intake/test_pixel_equality.py checks every corpus page).
+"""
 
 from __future__ import annotations
 
 import base64
-import io
+import struct
+import zlib
 
-from PIL import Image
+from PIL import Image, ImageChops
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+FILTER_NONE = 0
+FILTER_UP = 2
+_COLOR_TYPE = {"L": 0, "RGB": 2}
+
+
+def is_gray(image: Image.Image) -> bool:
+    """True when an RGB image has R == G == B everywhere (most scans and text pages)."""
+    if image.mode == "L":
+        return True
+    if image.mode != "RGB":
+        return False
+    red, green, blue = image.split()
+    return ImageChops.difference(red, green).getbbox() is None and ImageChops.difference(green, blue).getbbox() is None
 
 
 def encode_png(image: Image.Image) -> bytes:
-    """PNG bytes of the page; the authors always send PNG (lossless)."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+    """Lossless PNG of the page; gray pages as 8-bit gray, which decodes to the same RGB pixels.
+
+    Chosen by measurement (bench/intake.py): gray pages use the Up filter with zlib's
+    run-length strategy (text pages are mostly runs), colour pages no filter and the
+    default strategy; both at level 1, smaller than Pillow's default level 6 output.
+    """
+    if image.mode not in _COLOR_TYPE:
+        image = image.convert("RGB")
+    if image.mode == "RGB" and is_gray(image):
+        image = image.getchannel(0)
+    if image.mode == "L":
+        return write_png(image, png_filter=FILTER_UP, level=1, strategy=zlib.Z_RLE)
+    return write_png(image, png_filter=FILTER_NONE, level=1, strategy=zlib.Z_DEFAULT_STRATEGY)
+
+
+def write_png(image: Image.Image, *, png_filter: int, level: int, strategy: int) -> bytes:
+    """An 8-bit L or RGB image as PNG with one filter for every row (FILTER_NONE or FILTER_UP)."""
+    scanlines = _scanlines(image, png_filter)
+    compressor = zlib.compressobj(level, zlib.DEFLATED, 15, 8, strategy)
+    idat = compressor.compress(scanlines) + compressor.flush()
+    width, height = image.size
+    header = struct.pack(">IIBBBBB", width, height, 8, _COLOR_TYPE[image.mode], 0, 0, 0)
+    return _PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+
+
+def _scanlines(image: Image.Image, png_filter: int) -> bytes:
+    """The PNG's filtered rows, each prefixed by its filter byte, built with Pillow (C) operations.
+
+    Rows are handled as bytes (an L view `channels` times wider): the Up filter is
+    bytewise, so one modular subtraction of the image shifted down one row does it.
+    """
+    width, height = image.size
+    row_bytes = width * len(image.getbands())
+    data = image if image.mode == "L" else Image.frombytes("L", (row_bytes, height), image.tobytes())
+    if png_filter not in (FILTER_NONE, FILTER_UP):
+        raise ValueError(f"unsupported PNG filter {png_filter}")
+    if png_filter == FILTER_UP and height > 1:
+        above = Image.new("L", (row_bytes, height), 0)
+        above.paste(data.crop((0, 0, row_bytes, height - 1)), (0, 1))
+        data = ImageChops.subtract_modulo(data, above)
+    rows = Image.new("L", (row_bytes + 1, height), png_filter)
+    rows.paste(data, (1, 0))
+    return rows.tobytes()
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
 
 
 def png_data_url(png: bytes) -> str:

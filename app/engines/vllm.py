@@ -116,11 +116,14 @@ class VLLMEngine(EngineBase):
             "max_tokens": sampling.max_new_tokens,
         }
 
+    def encode_page(self, image: Image.Image, sampling: Sampling) -> dict[str, Any]:
+        """The request body for a page (PNG + base64): CPU work, run in a worker thread."""
+        return self.payload(encode_png(image), sampling)
+
     async def recognize(self, image: Image.Image, sampling: Sampling) -> Generation:
-        # Encoding happens before taking a slot so it overlaps with pages in flight.
-        png = await anyio.to_thread.run_sync(encode_png, image)
-        payload = self.payload(png, sampling)
-        del png
+        # Encoding (PNG and base64) happens in a worker thread before taking a slot, so it
+        # overlaps with pages in flight and never blocks the event loop.
+        payload = await anyio.to_thread.run_sync(self.encode_page, image, sampling)
         async with self._semaphore:
             return await self._post_with_retries(payload)
 
@@ -173,5 +176,9 @@ def _parse_completion(response: httpx.Response) -> Generation:
         usage = body.get("usage") or {}
         tokens = int(usage.get("completion_tokens") or 0)
     except (ValueError, KeyError, IndexError, TypeError):
-        raise EngineError(f"vLLM answer is not a chat completion: {response.text[:200]}") from None
+        # The body may hold document text: describe it, never quote it (messages reach the logs).
+        raise EngineError(
+            f"vLLM answer is not a chat completion ({len(response.content)} bytes, "
+            f"content-type {response.headers.get('content-type')!r})"
+        ) from None
     return Generation(text=str(text), finish_reason="length" if finish == "length" else "stop", tokens=tokens)

@@ -8,6 +8,8 @@ work that follows (colour conversion, resizing, PNG encoding) runs outside it.
 from __future__ import annotations
 
 import io
+import math
+import re
 import threading
 import warnings
 from dataclasses import dataclass
@@ -63,8 +65,17 @@ def open_document(data: bytes, *, limits: IntakeLimits, password: str | None = N
 
 
 def pdf_scale(width_pt: float, height_pt: float) -> float:
-    """Render scale for a page: at most 200 DPI and 1540 px on the longest edge."""
-    return min(PDF_MAX_DPI / 72, LONGEST_EDGE / max(width_pt, height_pt))
+    """Render scale for a page: at most 200 DPI and 1540 px on the longest edge.
+
+    pypdfium2 rounds the bitmap size up, and `1540 / w * w` can land a hair above
+    1540 in floating point (1541 px for ~5% of page sizes): step the scale down
+    until the longest edge really fits.
+    """
+    longest = max(width_pt, height_pt)
+    scale = min(PDF_MAX_DPI / 72, LONGEST_EDGE / longest)
+    while math.ceil(longest * scale) > LONGEST_EDGE:
+        scale = math.nextafter(scale, 0)
+    return scale
 
 
 def fit_to_model(image: Image.Image) -> Image.Image:
@@ -91,6 +102,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode != "RGB":
         return image.convert("RGB")
     return image
+
+
+def normalise_image(frame: Image.Image) -> Image.Image:
+    """EXIF orientation, RGB, LANCZOS to at most 1540 px; `frame` is consumed (transposed in place)."""
+    ImageOps.exif_transpose(frame, in_place=True)
+    if frame.mode in ("1", "L"):
+        # Resize one channel instead of three: LANCZOS works per channel, so gray-then-RGB gives
+        # the reference's pixels at a third of the cost (bench/intake.py, test_pixel_equality.py).
+        return fit_to_model(frame.convert("L")).convert("RGB")
+    return fit_to_model(to_rgb(frame))
 
 
 class PdfDocument:
@@ -120,10 +141,13 @@ class PdfDocument:
                     width, height = page.get_size()
                     if not (width > 0 and height > 0):
                         raise CorruptDocument(f"page {index + 1} has no area", page=index + 1)
-                    bitmap = page.render(scale=pdf_scale(width, height))
+                    # rev_byteorder: PDFium writes RGB itself, saving a BGR -> RGB pass (bench/intake.py).
+                    bitmap = page.render(scale=pdf_scale(width, height), rev_byteorder=True)
                     raw: Image.Image = bitmap.to_pil()
-                    # to_pil() may share the bitmap's buffer: copy before it is freed.
-                    image = raw.copy() if raw.mode == "RGB" else raw.convert("RGB")
+                    # to_pil() shares the bitmap's buffer only for L/RGBX/RGBA (Pillow's mappable
+                    # modes): those are converted, i.e. copied, before the bitmap is freed. An RGB
+                    # bitmap is already copied by Image.frombuffer, so copying it again is waste.
+                    image = raw if raw.mode == "RGB" else raw.convert("RGB")
                 finally:
                     page.close()
             except pdfium.PdfiumError as exc:
@@ -146,8 +170,11 @@ class ImageDocument:
                 warnings.simplefilter("ignore")
                 self._image = Image.open(io.BytesIO(data))
             frames = getattr(self._image, "n_frames", 1) if doc_type is DocType.TIFF else 1
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise CorruptDocument(f"the {doc_type.value.upper()} image cannot be read: {exc}") from None
+        # TypeError: Pillow's TIFF reader on IFDs with missing or non-integer tags (tests/hostile/test_fuzz_intake.py).
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError) as exc:
+            # Pillow's messages name the BytesIO object (`<_io.BytesIO object at 0x...>`): drop that noise.
+            reason = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))
+            raise CorruptDocument(f"the {doc_type.value.upper()} image cannot be read: {reason}") from None
         self.page_count = frames
         self._lock = threading.Lock()  # seek() moves shared state
         self._check_pixels(0)
@@ -164,16 +191,18 @@ class ImageDocument:
         if width < 1 or height < 1:
             raise CorruptDocument("the image has no pixels", page=index + 1)
 
+    def frame(self, index: int) -> Image.Image:
+        """Frame `index` decoded as stored, in a copy of its own (bench/intake.py times this apart)."""
+        with self._lock:
+            self._image.seek(index)
+            self._check_pixels(index)
+            self._image.load()
+            return self._image.copy()
+
     def render(self, index: int) -> Image.Image:
         try:
-            with self._lock:
-                self._image.seek(index)
-                self._check_pixels(index)
-                self._image.load()
-                frame = self._image.copy()
-            oriented = ImageOps.exif_transpose(frame)
-            return fit_to_model(to_rgb(oriented))
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            return normalise_image(self.frame(index))
+        except (OSError, SyntaxError, ValueError, EOFError, TypeError) as exc:
             raise CorruptDocument(f"image page {index + 1} cannot be decoded: {exc}", page=index + 1) from None
 
     def close(self) -> None:

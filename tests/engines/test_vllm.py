@@ -66,7 +66,7 @@ async def test_payload_is_the_authors_shape_with_settings_sampling(stub: StubVLL
     assert stub.violations == []
     [record] = stub.requests
     assert record.params == SamplingParams(temperature=0.35, top_p=0.75, max_tokens=321)
-    assert record.mode == "RGB"
+    assert record.mode == "L"  # a gray page travels as 8-bit gray PNG: same pixels, fewer bytes
     assert (record.width, record.height) == (200, 260)  # the engine sends the page as given
 
 

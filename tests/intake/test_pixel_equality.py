@@ -1,0 +1,176 @@
+"""The page the vLLM engine sends decodes to the reference pipeline's RGB image, pixel for pixel.
+
+Intake and PNG encoding are tuned for speed (bench/intake.py: render straight to RGB,
+gray pages as 8-bit gray PNG, our own PNG writer, LANCZOS on one channel for gray
+images). None of that may change what the model sees: here the reference pipeline is
+REFERENCE.md written out independently, and the comparison is on decoded bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import random
+from pathlib import Path
+
+import pypdfium2 as pdfium
+import pytest
+from PIL import Image, ImageOps
+
+from app.engines.base import Sampling
+from app.engines.vllm import VLLMEngine
+from app.imaging import encode_png, is_gray
+from app.intake import DocType, IntakeLimits, open_document, sniff
+from tests.conftest import CORPUS, corpus_manifest, make_settings
+from tests.support.documents import make_image, make_marked_image, make_pdf
+
+LIMITS = IntakeLimits(max_image_pixels=100_000_000)
+ENGINE = VLLMEngine(make_settings(model_source="vllm"))
+SAMPLING = Sampling(0.2, 0.9, 16)
+
+
+def reference_pdf_page(data: bytes, index: int) -> Image.Image:
+    """pypdfium2 at min(200/72, 1540 / longest side in points), converted to RGB.
+
+    The scale is nudged down where float rounding would make pypdfium2's bitmap 1541 px:
+    the reference says "at most 1540", and that is what the model must get.
+    """
+    pdf = pdfium.PdfDocument(data)
+    page = pdf[index]
+    width, height = page.get_size()
+    scale = min(200 / 72, 1540 / max(width, height))
+    while math.ceil(max(width, height) * scale) > 1540:
+        scale = math.nextafter(scale, 0)
+    image: Image.Image = page.render(scale=scale).to_pil().convert("RGB")
+    pdf.close()
+    return image
+
+
+def reference_image_page(data: bytes, index: int) -> Image.Image:
+    """EXIF orientation, RGB (alpha flattened on white), LANCZOS to at most 1540 px, never upscaled."""
+    image: Image.Image = Image.open(io.BytesIO(data))
+    image.seek(index)
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image.convert("RGBA"))
+    image = image.convert("RGB")
+    scale = 1540 / max(image.size)
+    if scale < 1:
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    return image
+
+
+def sent_image(image: Image.Image) -> Image.Image:
+    """Decode the data URL the vLLM engine would POST for `image`, as vLLM does (to RGB)."""
+    payload = ENGINE.encode_page(image, SAMPLING)
+    url: str = payload["messages"][0]["content"][0]["image_url"]["url"]
+    prefix = "data:image/png;base64,"
+    assert url.startswith(prefix)
+    png = base64.b64decode(url[len(prefix) :])
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    decoded = Image.open(io.BytesIO(png))
+    decoded.load()
+    return decoded.convert("RGB")
+
+
+def assert_same_pixels(actual: Image.Image, expected: Image.Image) -> None:
+    assert actual.mode == expected.mode == "RGB"
+    assert actual.size == expected.size
+    assert actual.tobytes() == expected.tobytes()
+
+
+def check_document(data: bytes) -> int:
+    """Every page of `data` through intake and the engine's encoding; returns the page count."""
+    document = open_document(data, limits=LIMITS)
+    is_pdf = sniff(data) is DocType.PDF
+    try:
+        for index in range(document.page_count):
+            expected = reference_pdf_page(data, index) if is_pdf else reference_image_page(data, index)
+            assert_same_pixels(sent_image(document.render(index)), expected)
+    finally:
+        document.close()
+    return document.page_count
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        [(612, 792)],  # US Letter: 1190 x 1540
+        [(595, 842), (842, 595)],  # A4 portrait and landscape
+        [(200, 100)],  # small: 200 DPI, not upscaled
+        [(300, 300), (612, 1008), (100, 1400)],  # mixed sizes in one document
+    ],
+)
+def test_generated_pdfs(sizes: list[tuple[float, float]]) -> None:
+    assert check_document(make_pdf(len(sizes), page_sizes_pt=sizes)) == len(sizes)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "kwargs"),
+    [
+        ("PNG", {"mode": "RGB", "page_id": 3}),  # gray content in an RGB file
+        ("PNG", {"mode": "L", "page_id": 4, "width": 2000, "height": 2600}),  # gray, downscaled
+        ("PNG", {"mode": "1", "page_id": 5, "width": 1700, "height": 2200}),  # bilevel scan, downscaled
+        ("PNG", {"mode": "P", "page_id": 6, "color": (250, 240, 200)}),
+        ("PNG", {"alpha": True, "page_id": 7, "color": (200, 220, 255)}),
+        ("PNG", {"mode": "L", "alpha": True, "page_id": 8}),
+        ("JPEG", {"page_id": 9, "color": (255, 250, 235), "width": 1800, "height": 2400}),  # colour, downscaled
+        ("JPEG", {"mode": "L", "page_id": 10, "exif_orientation": 6}),
+        ("JPEG", {"page_id": 11, "exif_orientation": 3, "width": 1600, "height": 1200}),
+        ("TIFF", {"mode": "L", "page_id": 12, "frames": 3}),
+        ("WEBP", {"page_id": 13}),
+        ("GIF", {"page_id": 14}),
+        ("BMP", {"mode": "L", "page_id": 15}),
+    ],
+)
+def test_generated_images(fmt: str, kwargs: dict[str, object]) -> None:
+    assert check_document(make_image(fmt, **kwargs)) >= 1  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_noise_pages_round_trip(mode: str) -> None:
+    """Worst case for the PNG filters: random bytes, downscaled from an oversize image."""
+    noise = Image.frombytes(mode, (1700, 1300), random.Random(0).randbytes(1700 * 1300 * len(mode)))
+    buffer = io.BytesIO()
+    noise.save(buffer, format="PNG")
+    assert check_document(buffer.getvalue()) == 1
+
+
+def test_almost_gray_page_keeps_its_colour() -> None:
+    """One pixel off by one in blue must not be flattened to gray."""
+    page = make_marked_image(1, 300, 400)
+    page.putpixel((150, 200), (128, 128, 129))
+    assert not is_gray(page)
+    assert_same_pixels(sent_image(page), page)
+    assert Image.open(io.BytesIO(encode_png(page))).mode == "RGB"
+
+
+def test_gray_page_is_sent_as_8_bit_gray() -> None:
+    """Three times fewer bytes to compress, send and decode; same RGB pixels once decoded."""
+    page = make_marked_image(2, 300, 400)
+    assert is_gray(page)
+    png = Image.open(io.BytesIO(encode_png(page)))
+    assert png.mode == "L"
+    assert_same_pixels(png.convert("RGB"), page)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 7), (9, 1), (3, 2)])
+def test_tiny_images_round_trip(size: tuple[int, int]) -> None:
+    for page in (Image.new("RGB", size, (10, 200, 30)), Image.new("RGB", size, (77, 77, 77))):
+        assert_same_pixels(sent_image(page), page)
+
+
+def test_corpus_documents() -> None:
+    documents = corpus_manifest()
+    checked = 0
+    for entry in documents:
+        path: Path = CORPUS / entry["file"]
+        if not path.exists():
+            continue
+        assert check_document(path.read_bytes()) == entry["pages"]
+        checked += 1
+    if checked == 0:
+        pytest.skip("no corpus document present")
