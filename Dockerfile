@@ -55,8 +55,11 @@ RUN --mount=from=uv,source=/uv,target=/usr/local/bin/uv \
     --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev
 
+# MALLOC_MMAP_THRESHOLD_: page images (~5 MB each) go straight to mmap and back to the OS when freed;
+# with glibc's default, RSS on long PDFs grew with the page count (docs/benchmarks.md).
 ENV PATH="/app/.venv/bin:${PATH}" \
-    MODEL_CACHE_DIR=/models
+    MODEL_CACHE_DIR=/models \
+    MALLOC_MMAP_THRESHOLD_=1048576
 
 USER 10001:10001
 VOLUME ["/models"]
@@ -66,4 +69,6 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
 
-CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000"]
+# On SIGTERM uvicorn stops accepting and lets in-flight requests finish for up to 30 s
+# (compose gives the container 40 s before SIGKILL).
+CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000", "--timeout-graceful-shutdown", "30"]
