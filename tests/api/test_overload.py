@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -205,6 +206,33 @@ def test_streaming_client_disconnect_aborts_pages_in_flight(
         stub.wait_until(lambda s: s.in_flight == 2)
     # Leaving the block closed the connection mid-stream.
     stub.wait_until(lambda s: s.cancelled == 2, timeout=10)
+    gate.open()
+    assert ok(post(url, make_png(300, 300, page_id=42), "one.png"))["text"] == "page 42"
+    assert len([n for n in gate.seen if n != 42]) == 2
+    assert len(stub.requests) == 3
+
+
+def test_streaming_client_disconnect_drops_pages_not_started(
+    vllm_service: ServiceFactory, stub: StubVLLM, gate: Gate
+) -> None:
+    """Closing a stream releases the document at once: its eight unstarted pages never reach vLLM."""
+    url = vllm_service(max_concurrent_pages=2)
+    with (
+        httpx.Client(timeout=30) as client,
+        client.stream(
+            "POST",
+            f"{url}/api/inference",
+            files={"file": ("doc.pdf", small_pdf(10))},
+            headers={"Accept": "application/x-ndjson"},
+        ) as response,
+    ):
+        assert response.status_code == 200
+        stub.wait_until(lambda s: s.in_flight == 2)
+    # The service noticed: the document's admission was released (the queue gauge is back to 0).
+    deadline = time.monotonic() + 10
+    while "lightonocr_queued_pages 0.0" not in httpx.get(f"{url}/metrics").text:
+        assert time.monotonic() < deadline, "the service never released the abandoned document"
+        time.sleep(0.02)
     gate.open()
     assert ok(post(url, make_png(300, 300, page_id=42), "one.png"))["text"] == "page 42"
     assert len([n for n in gate.seen if n != 42]) == 2
