@@ -25,7 +25,7 @@ from app.jobs import JobRunner
 from app.logs import setup_logging
 from app.metrics import CONTENT_TYPE, Metrics
 from app.service import OCRService
-from app.settings import Settings, get_settings
+from app.settings import Settings, SettingsError, get_settings
 from app.web import install_web
 
 
@@ -103,4 +103,7 @@ def _install_metrics(app: FastAPI, metrics: Metrics) -> None:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
 
-app = create_app()
+try:
+    app = create_app()
+except SettingsError as exc:  # a clean message naming the variables, not a traceback
+    raise SystemExit(f"LightOnOCR Service cannot start: {exc}") from None

@@ -51,3 +51,18 @@ def test_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, variable:
 
 def test_local_model_directory_version() -> None:
     assert load_settings(_env_file=None, model_name="/models/LightOnOCR-2-1B/").model_version == "lightonocr-2-1b"
+
+
+def test_service_refuses_to_start_with_a_clear_message() -> None:
+    """`uvicorn app.main:app` with a bad variable exits with the variable's name, not a traceback."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MODEL_SOURCE": "tensorflow"}
+    done = subprocess.run(
+        [sys.executable, "-c", "import app.main"], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 1
+    assert "MODEL_SOURCE" in done.stderr
+    assert "Traceback" not in done.stderr
