@@ -215,7 +215,7 @@ class OCRService:
         finally:
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await _settle(tasks)
 
     async def recognize_page(self, document: Document, index: int) -> PageResult:
         """Render, then generate with the temperature ladder until a clean attempt."""
@@ -282,6 +282,26 @@ class OCRService:
             pages=pages,
             failed_pages=[page.page for page in failed],
         )
+
+
+async def _settle(tasks: list[asyncio.Task[None]]) -> None:
+    """Wait until cancelled page tasks have really finished, even if we are cancelled again meanwhile.
+
+    `gather` would pass a second cancellation on to the tasks and cut short their own
+    clean-up (httpx closing the connection, so vLLM aborts the page); and the document
+    must not be closed while a page is still rendering from it.
+    """
+    if not tasks:
+        return
+    waiting = asyncio.ensure_future(asyncio.wait(tasks))
+    interrupted = False
+    while not waiting.done():
+        try:
+            await asyncio.shield(waiting)
+        except asyncio.CancelledError:
+            interrupted = True
+    if interrupted:
+        raise asyncio.CancelledError
 
 
 # Lower is better: a clean page, then one that stopped but loops, then truncated ones.

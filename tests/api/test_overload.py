@@ -183,12 +183,6 @@ def test_client_disconnect_drops_pages_not_started(vllm_service: ServiceFactory,
     assert len(stub.requests) == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: on a streaming disconnect the service cancels its page tasks (pages not started are never "
-    "sent) but httpx leaves the two in-flight connections to vLLM open, so vLLM is not told to abort them; the "
-    "non-streaming path closes them. Tracked in the closing note.",
-)
 def test_streaming_client_disconnect_aborts_pages_in_flight(
     vllm_service: ServiceFactory, stub: StubVLLM, gate: Gate
 ) -> None:
