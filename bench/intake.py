@@ -31,7 +31,7 @@ from pathlib import Path
 import pypdfium2 as pdfium
 from PIL import Image, ImageOps
 
-from app.imaging import FILTER_NONE, FILTER_UP, encode_png, is_gray, write_png
+from app.imaging import FILTER_NONE, FILTER_UP, deflate_isal, deflate_zlib, encode_png, is_gray, write_png
 from app.intake.document import ImageDocument, IntakeLimits, PdfDocument, fit_to_model, normalise_image, pdf_scale
 from app.intake.sniff import DocType, sniff
 from bench.common import CORPUS, cpu_ms, median, percentile, print_header, print_table
@@ -118,22 +118,25 @@ ENCODERS: dict[str, Callable[[Image.Image], bytes]] = {
     "Pillow RGB level 1": lambda image: pillow_png(image, compress_level=1),
     "Pillow gray/RGB level 1": lambda image: pillow_png(gray_or_rgb(image), compress_level=1),
     "Pillow gray/RGB level 1 Z_RLE": lambda image: pillow_png(gray_or_rgb(image), compress_level=1, compress_type=3),
-    "ours gray/RGB none, level 1": lambda image: write_png(
-        gray_or_rgb(image), png_filter=FILTER_NONE, level=1, strategy=zlib.Z_DEFAULT_STRATEGY
+    "ours gray/RGB none, zlib level 1": lambda image: write_png(
+        gray_or_rgb(image), png_filter=FILTER_NONE, deflate=deflate_zlib(1, zlib.Z_DEFAULT_STRATEGY)
     ),
     "ours gray/RGB none, level 1 Z_RLE": lambda image: write_png(
-        gray_or_rgb(image), png_filter=FILTER_NONE, level=1, strategy=zlib.Z_RLE
+        gray_or_rgb(image), png_filter=FILTER_NONE, deflate=deflate_zlib(1, zlib.Z_RLE)
     ),
     "ours gray/RGB up, level 1": lambda image: write_png(
-        gray_or_rgb(image), png_filter=FILTER_UP, level=1, strategy=zlib.Z_DEFAULT_STRATEGY
+        gray_or_rgb(image), png_filter=FILTER_UP, deflate=deflate_zlib(1, zlib.Z_DEFAULT_STRATEGY)
     ),
     "ours gray/RGB up, level 1 Z_RLE": lambda image: write_png(
-        gray_or_rgb(image), png_filter=FILTER_UP, level=1, strategy=zlib.Z_RLE
+        gray_or_rgb(image), png_filter=FILTER_UP, deflate=deflate_zlib(1, zlib.Z_RLE)
     ),
     "ours gray/RGB up, level 6": lambda image: write_png(
-        gray_or_rgb(image), png_filter=FILTER_UP, level=6, strategy=zlib.Z_DEFAULT_STRATEGY
+        gray_or_rgb(image), png_filter=FILTER_UP, deflate=deflate_zlib(6, zlib.Z_DEFAULT_STRATEGY)
     ),
-    "encode_png (service: gray up+RLE, RGB none)": encode_png,
+    "ours gray/RGB up, ISA-L level 1": lambda image: write_png(
+        gray_or_rgb(image), png_filter=FILTER_UP, deflate=deflate_isal
+    ),
+    "encode_png (service: gray/RGB none, ISA-L level 1)": encode_png,
 }
 
 
