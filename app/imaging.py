@@ -19,6 +19,8 @@ from collections.abc import Callable
 from isal import isal_zlib
 from PIL import Image, ImageChops
 
+from app.intake import Document
+
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FILTER_NONE = 0
 FILTER_UP = 2
@@ -94,6 +96,12 @@ def _scanlines(image: Image.Image, png_filter: int) -> bytes:
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
+
+
+def page_png(document: Document, index: int) -> tuple[bytes, tuple[int, int]]:
+    """Page `index` as the exact PNG the model is sent, and its size (blocking: run in a thread)."""
+    image = document.render(index)
+    return encode_png(image), image.size
 
 
 def png_data_url(png: bytes) -> str:

@@ -252,7 +252,7 @@ class OCRService:
             log.info("page %d attempt %d at T=%.2f is %s; %s", number, attempts, temperature, _RANKS[rank], more)
         assert best is not None
         rank, kept = best
-        status: PageStatus = ("ok" if attempts == 1 else "retried") if rank == 0 else _status_of(kept)
+        status: PageStatus = ("ok" if attempts == 1 else "retried") if rank == 0 else _RANK_STATUS[rank]
         result = PageResult(
             page=number,
             text=kept.text,
@@ -306,6 +306,7 @@ async def _settle(tasks: list[asyncio.Task[None]]) -> None:
 
 # Lower is better: a clean page, then one that stopped but loops, then truncated ones.
 _RANKS = ("clean", "repetitive", "truncated", "truncated and repetitive")
+_RANK_STATUS: dict[int, PageStatus] = {1: "repetitive", 2: "truncated", 3: "repetitive"}
 
 
 def _rank(generation: Generation) -> int:
@@ -313,10 +314,6 @@ def _rank(generation: Generation) -> int:
     if generation.finish_reason == "length":
         return 3 if repetitive else 2
     return 1 if repetitive else 0
-
-
-def _status_of(generation: Generation) -> PageStatus:
-    return "repetitive" if is_repetitive(generation.text) else "truncated"
 
 
 def _failed_page(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from html.parser import HTMLParser
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import anyio
 from fastapi import APIRouter, Depends, Query, Request
@@ -20,10 +20,10 @@ from markdown_it import MarkdownIt
 from pydantic import BaseModel, Field
 
 from app.api.errors import error_responses
-from app.api.routes import Service, read_document
+from app.api.routes import Service, read_document, upload_schema
 from app.api.security import client_id
 from app.errors import InvalidPages, JobFailed, JobNotFinished, JobNotFound, OCRError
-from app.imaging import encode_png
+from app.imaging import page_png
 from app.jobs import JobDetail, JobRecord, JobRunner, JobSummary, NewJob, summarize, validate_callback_url
 from app.results import DocumentResult
 
@@ -42,31 +42,16 @@ class JobList(BaseModel):
     jobs: list[JobSummary] = Field(description="Newest first, without their pages.")
 
 
-_SUBMIT_SCHEMA: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {
-                        "file": {"type": "string", "format": "binary", "description": "As for /api/inference."},
-                        "pages": {"type": "string", "description": "1-based pages, e.g. `1-3,7`. Default: all."},
-                        "password": {
-                            "type": "string",
-                            "description": "Password of an encrypted PDF; stored with the job until it expires.",
-                        },
-                        "callback_url": {
-                            "type": "string",
-                            "description": "http(s) URL that gets a signed POST of the job summary when it ends.",
-                        },
-                    },
-                }
-            }
-        },
-    }
-}
+_SUBMIT_SCHEMA = upload_schema(
+    password={
+        "type": "string",
+        "description": "Password of an encrypted PDF; stored with the job until it expires.",
+    },
+    callback_url={
+        "type": "string",
+        "description": "http(s) URL that gets a signed POST of the job summary when it ends.",
+    },
+)
 
 
 def _owner_filter(request: Request) -> str | None:
@@ -206,8 +191,7 @@ async def get_page_image(request: Request, service: Service, runner: Runner, job
         raise JobNotFound(f"no job {job_id!r} (unknown, expired, or not yours)", job_id=job_id)
     document = await service.open(data, password=record.password)
     try:
-        image = await anyio.to_thread.run_sync(document.render, page - 1)
-        png = await anyio.to_thread.run_sync(encode_png, image)
+        png, _ = await anyio.to_thread.run_sync(page_png, document, page - 1)
     finally:
         await anyio.to_thread.run_sync(document.close)
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})

@@ -17,6 +17,7 @@ from app.api.errors import error_responses
 from app.api.security import client_id
 from app.api.upload import Upload, read_upload
 from app.errors import ClientDisconnected, ServiceUnavailable
+from app.intake import DocType
 from app.results import DocumentResult
 from app.service import OCRService
 from app.streaming import Event, document_events, ndjson, server_sent
@@ -34,36 +35,24 @@ def get_service(request: Request) -> OCRService:
 Service = Annotated[OCRService, Depends(get_service)]
 
 
-def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return error_responses(*statuses)
-
-
-_UPLOAD_SCHEMA: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {
-                        "file": {
-                            "type": "string",
-                            "format": "binary",
-                            "description": "PDF, PNG, JPEG, TIFF, WebP, BMP or GIF (type read from the bytes).",
-                        },
-                        "pages": {
-                            "type": "string",
-                            "description": "1-based pages to read, e.g. `1-3,7` or `5-`. Default: all.",
-                            "examples": ["1-3,7"],
-                        },
-                        "password": {"type": "string", "description": "Password of an encrypted PDF."},
-                    },
-                }
-            }
+def upload_schema(**fields: dict[str, Any]) -> dict[str, Any]:
+    """OpenAPI body of the document upload (`file`, `pages`, `password`), plus route-specific fields."""
+    properties: dict[str, Any] = {
+        "file": {
+            "type": "string",
+            "format": "binary",
+            "description": "PDF, PNG, JPEG, TIFF, WebP, BMP or GIF (type read from the bytes).",
         },
+        "pages": {
+            "type": "string",
+            "description": "1-based pages to read, e.g. `1-3,7` or `5-`. Default: all.",
+            "examples": ["1-3,7"],
+        },
+        "password": {"type": "string", "description": "Password of an encrypted PDF."},
+        **fields,
     }
-}
+    schema = {"type": "object", "required": ["file"], "properties": properties}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
 
 _STREAM_FORMATS: dict[str, Callable[[Event], bytes]] = {
@@ -86,9 +75,9 @@ _STREAM_DOC = (
     summary="OCR a document into markdown",
     description="Read every selected page and answer with the document's markdown, typed blocks and per-page "
     "details. " + _STREAM_DOC,
-    openapi_extra=_UPLOAD_SCHEMA,
+    openapi_extra=upload_schema(),
     responses={
-        **_errors(400, 401, 408, 413, 415, 422, 429, 500, 502, 503, 504),
+        **error_responses(400, 401, 408, 413, 415, 422, 429, 500, 502, 503, 504),
         200: {
             "description": "The document, or a stream of events (see description).",
             "content": {"application/x-ndjson": {}, "text/event-stream": {}},
@@ -229,7 +218,7 @@ class Info(BaseModel):
     response_model=Info,
     summary="What this service runs and its limits",
     description="Engine, model, device really used, API version, sampling and limits. Needs a key when keys are on.",
-    responses=_errors(401, 500),
+    responses=error_responses(401, 500),
 )
 async def info(service: Service) -> Info:
     settings = service.settings
@@ -256,7 +245,7 @@ async def info(service: Service) -> Info:
             max_new_tokens=settings.max_new_tokens,
             max_concurrent_pages=settings.max_concurrent_pages,
         ),
-        supported_types=["pdf", "png", "jpeg", "tiff", "webp", "bmp", "gif"],
+        supported_types=[doc_type.value for doc_type in DocType],
     )
 
 
@@ -280,7 +269,7 @@ async def health() -> Status:
     summary="Readiness: the engine can serve pages now",
     description="200 when a page sent now would be served; 503 with `Retry-After` while the model loads, when it "
     "failed to load, or when vLLM is unreachable or serves another model. Never needs a key.",
-    responses=_errors(503),
+    responses=error_responses(503),
 )
 async def ready(service: Service) -> Status | JSONResponse:
     await service.check_ready()

@@ -11,7 +11,6 @@ like every other route.
 
 from __future__ import annotations
 
-import base64
 from pathlib import Path
 
 import anyio
@@ -20,8 +19,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
 from app.api.routes import Service, read_document, until_disconnect
-from app.imaging import encode_png
-from app.intake import Document
+from app.imaging import page_png, png_data_url
 from app.service import OCRService
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -85,14 +83,8 @@ async def _render_pages(
         indices = service.select_pages(document, pages)
         rendered = []
         for index in indices:  # one page at a time: memory holds one raw page, not the document
-            png, (width, height) = await anyio.to_thread.run_sync(_page_png, document, index, limiter=limiter)
-            url = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-            rendered.append(RenderedPage(page=index + 1, width=width, height=height, image=url))
+            png, (width, height) = await anyio.to_thread.run_sync(page_png, document, index, limiter=limiter)
+            rendered.append(RenderedPage(page=index + 1, width=width, height=height, image=png_data_url(png)))
         return RenderedPages(pages=rendered)
     finally:
         await anyio.to_thread.run_sync(document.close)
-
-
-def _page_png(document: Document, index: int) -> tuple[bytes, tuple[int, int]]:
-    image = document.render(index)
-    return encode_png(image), image.size
