@@ -3,7 +3,7 @@
 # LightOnOCR Service image.
 #
 #   docker build -t lightonocr-service .
-#   docker run --gpus all -p 8000:8000 -v lightonocr-models:/models lightonocr-service
+#   docker run --gpus all -p 8000:8000 -v lightonocr-models:/models -v lightonocr-data:/data lightonocr-service
 #
 # The locked dependencies include torch from PyPI, i.e. the CUDA build with its NVIDIA
 # runtime wheels (several GB): the image is meant for GPU hosts. It runs either engine:
@@ -41,8 +41,8 @@ FROM base AS runtime
 RUN groupadd --system --gid 10001 app \
     && useradd --system --uid 10001 --gid app --create-home --home-dir /home/app \
         --shell /usr/sbin/nologin app \
-    && mkdir -p /models \
-    && chown app:app /models
+    && mkdir -p /models /data \
+    && chown app:app /models /data
 
 # The virtual environment, unchanged while the lock file is unchanged (cached layer).
 COPY --from=deps /app/.venv /app/.venv
@@ -55,14 +55,17 @@ RUN --mount=from=uv,source=/uv,target=/usr/local/bin/uv \
     --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev
 
+# JOBS_DB: the service runs as uid 10001 and cannot write /app; jobs live on the /data volume
+# (a fresh named volume takes this directory's owner, so uid 10001 can write it).
 # MALLOC_MMAP_THRESHOLD_: page images (~5 MB each) go straight to mmap and back to the OS when freed;
 # with glibc's default, RSS on long PDFs grew with the page count (docs/benchmarks.md).
 ENV PATH="/app/.venv/bin:${PATH}" \
     MODEL_CACHE_DIR=/models \
+    JOBS_DB=/data/jobs.db \
     MALLOC_MMAP_THRESHOLD_=1048576
 
 USER 10001:10001
-VOLUME ["/models"]
+VOLUME ["/models", "/data"]
 EXPOSE 8000
 
 # /health is liveness: it answers while the model is still loading (/ready says when it can serve).

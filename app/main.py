@@ -7,6 +7,7 @@ the weights load and `/ready` turns 200 once they are in.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -25,13 +26,14 @@ from app.jobs import JobRunner
 from app.logs import setup_logging
 from app.metrics import CONTENT_TYPE, Metrics
 from app.service import OCRService
-from app.settings import Settings, SettingsError, get_settings
+from app.settings import Settings, SettingsError, check_jobs_db, get_settings
 from app.web import install_web
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
     settings = settings if settings is not None else get_settings()
     setup_logging(settings.log_format.value, settings.log_level.value)
+    check_jobs_db(settings.jobs_db)
     metrics = Metrics()
 
     @asynccontextmanager
@@ -103,7 +105,13 @@ def _install_metrics(app: FastAPI, metrics: Metrics) -> None:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
 
+# uvicorn's exit status for "failed before serving": its `--workers` supervisor stops
+# instead of restarting a worker that would fail the same way forever.
+STARTUP_FAILURE = 3
+
 try:
     app = create_app()
 except SettingsError as exc:  # a clean message naming the variables, not a traceback
-    raise SystemExit(f"LightOnOCR Service cannot start: {exc}") from None
+    sys.stderr.write(f"LightOnOCR Service cannot start: {exc}\n")
+    sys.stderr.flush()
+    raise SystemExit(STARTUP_FAILURE) from None

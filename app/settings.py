@@ -7,6 +7,8 @@ the variable's name instead of deep inside a request.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
@@ -208,7 +210,57 @@ def load_settings(**overrides: object) -> Settings:
         for error in exc.errors():
             name = str(error["loc"][0]).upper() if error["loc"] else "?"
             lines.append(f"{name}: {error['msg']} (got {error.get('input')!r})")
-        raise SettingsError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+        raise SettingsError(_configuration_error(lines)) from None
+
+
+def _configuration_error(lines: list[str]) -> str:
+    """One line for one error (what a restart loop's log shows best), else one line per error."""
+    if len(lines) == 1:
+        return f"invalid configuration: {lines[0]}"
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def check_jobs_db(path: Path) -> None:
+    """Fail at start-up, naming JOBS_DB, when the job store could not be written.
+
+    The store creates its file on the first submitted job (`app/jobs/store.py`), so an
+    unwritable place would otherwise only show as a 500 on that job, or as a crash on the
+    `<JOBS_DB>.lock` file in a container running as a user that cannot write its working
+    directory. The directory is created when missing; the database file itself is not.
+    """
+    path = path.absolute()
+    if path.is_dir():
+        raise SettingsError(_configuration_error([f"JOBS_DB: {path} is a directory, not a file"]))
+    try:
+        _check_writable(path)
+    except OSError as exc:
+        reason = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc)
+        raise SettingsError(
+            _configuration_error(
+                [
+                    f"JOBS_DB: cannot write the job store at {path} ({reason}); set JOBS_DB to a file in a "
+                    "writable directory (the Docker image uses /data/jobs.db on a volume)"
+                ]
+            )
+        ) from None
+
+
+def _check_writable(path: Path) -> None:
+    directory = path.parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise NotADirectoryError(f"{directory} is not a directory") from None
+    for existing in (path, Path(f"{path}.lock")):
+        if existing.exists() and not os.access(existing, os.R_OK | os.W_OK):
+            raise PermissionError(f"{existing} is not readable and writable by uid {os.getuid()}")
+    # os.access misses read-only mounts and ACLs: create (and remove) a real file.
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".jobs-db-probe-")
+    except OSError as exc:
+        raise PermissionError(f"directory {directory} is not writable by uid {os.getuid()}: {exc.strerror}") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 @lru_cache(maxsize=1)
