@@ -141,7 +141,7 @@ class VLLMEngine(EngineBase):
                         ) from None
                     raise EngineError(f"vLLM server failed {attempts} times: {exc}") from None
                 delay = self._settings.vllm_retry_backoff_s * 2 ** (attempt - 1)
-                log.warning("vLLM request failed (%s); retry %d/%d in %.2fs", exc, attempt, attempts - 1, delay)
+                log.debug("vLLM request failed (%s); retry %d/%d in %.2fs", exc, attempt, attempts - 1, delay)
                 await asyncio.sleep(delay * (0.5 + random.random()))
         raise AssertionError("unreachable")
 
