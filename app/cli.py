@@ -13,8 +13,10 @@ import asyncio
 import contextlib
 import html
 import json
+import logging
 import math
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -36,6 +38,9 @@ from rich.progress import (
 )
 from rich.table import Table
 from rich.text import Text
+from typer._click.core import Context  # typer 0.29 vendors click: its own types
+from typer._click.formatting import HelpFormatter
+from typer.core import TyperArgument, TyperCommand, TyperOption
 
 from app import __version__
 from app.errors import OCRError
@@ -43,15 +48,62 @@ from app.results import DocumentResult
 from app.settings import Settings, SettingsError, get_settings
 
 NDJSON = "application/x-ndjson"
+log = logging.getLogger("app.cli")
 
 cli = typer.Typer(
     name="lightonocr",
     help="LightOnOCR-2-1B: PDFs, scans and photos to markdown.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,  # plain help: words for values (FILE, DIR, N), not Python types
 )
 err = Console(stderr=True, soft_wrap=True)
 out = Console()
+
+
+class PlainCommand(TyperCommand):
+    """Help that names arguments by their metavar alone: `FILE|DIR...`, not `{FILE|DIR...}... <list[Path]>`."""
+
+    def collect_usage_pieces(self, ctx: Context) -> list[str]:
+        pieces = [self.options_metavar or "[OPTIONS]"]
+        for param in self.get_params(ctx):
+            if isinstance(param, TyperArgument):
+                pieces.append(param.metavar or (param.name or "").upper())
+        return pieces
+
+    def format_options(self, ctx: Context, formatter: HelpFormatter) -> None:
+        arguments = [
+            (param.metavar or (param.name or "").upper(), param.help or "")
+            for param in self.get_params(ctx)
+            if isinstance(param, TyperArgument)
+        ]
+        options = [
+            record
+            for param in self.get_params(ctx)
+            if isinstance(param, TyperOption) and (record := param.get_help_record(ctx)) is not None
+        ]
+        if arguments:
+            with formatter.section("Arguments"):
+                formatter.write_dl(arguments)
+        if options:
+            with formatter.section("Options"):
+                formatter.write_dl(options)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        out.print(f"lightonocr {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@cli.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """LightOnOCR-2-1B: PDFs, scans and photos to markdown."""
 
 
 class OutputFormat(StrEnum):
@@ -135,6 +187,10 @@ def _progress() -> Progress:
 
 # -- ocr -------------------------------------------------------------------------------
 
+# What a directory argument reads: files whose first bytes say PDF or image (the service's own sniffing).
+SNIFF_BYTES = 1024
+INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
 
 @dataclass
 class Item:
@@ -142,6 +198,35 @@ class Item:
     target: Path
     result: DocumentResult | None = None
     error: str | None = None
+    written: bool = False
+
+
+def _supported(path: Path) -> bool:
+    """Whether `path` starts like a PDF or an image, judged by magic bytes as the service judges uploads."""
+    from app.intake.sniff import sniff  # imported here: `--help` stays light
+
+    try:
+        with path.open("rb") as handle:
+            sniff(handle.read(SNIFF_BYTES))
+    except (OCRError, OSError):
+        return False
+    return True
+
+
+def _expand(paths: list[Path]) -> list[Path]:
+    """Files as given; a directory stands for the PDFs and images directly inside it, by name."""
+    files: list[Path] = []
+    for path in paths:
+        if not path.is_dir():
+            files.append(path)  # read as asked: a missing or unsupported file is reported as that file's failure
+            continue
+        inside = sorted(child for child in path.iterdir() if child.is_file())
+        found = [child for child in inside if _supported(child)]
+        skipped = [child.name for child in inside if child not in found]
+        note = f"; skipped {len(skipped)} that are not PDFs or images: {', '.join(skipped)}" if skipped else ""
+        err.print(escape(f"{path}: {len(found)} file(s) to read{note}"))
+        files.extend(found)
+    return files
 
 
 def _plan(files: list[Path], output_dir: Path, fmt: OutputFormat) -> list[Item]:
@@ -156,40 +241,121 @@ def _plan(files: list[Path], output_dir: Path, fmt: OutputFormat) -> list[Item]:
     return items
 
 
-async def _run_local(settings: Settings, items: list[Item], pages: str | None, password: str | None) -> None:
+def _write(item: Item, text: str) -> None:
+    """Write through a temporary file, so an interrupted run never leaves half an output behind."""
+    partial_file = item.target.with_name(f".{item.target.name}.part")
+    try:
+        partial_file.write_text(text, encoding="utf-8")
+        partial_file.replace(item.target)
+    except OSError as exc:
+        partial_file.unlink(missing_ok=True)
+        item.error = f"cannot write {item.target}: {exc.strerror or exc}"
+        return
+    item.written = True
+
+
+def _pages_note(result: DocumentResult) -> str:
+    """`3 pages`, or `3 pages, partial: pages 1, 2 truncated; page 3 failed` (numbers, not counts)."""
+    note = f"{len(result.pages)} page{'' if len(result.pages) == 1 else 's'}"
+    by_status: dict[str, list[int]] = {}
+    for page in result.pages:
+        if page.status not in ("ok", "retried"):
+            by_status.setdefault(page.status, []).append(page.page)
+    if by_status:
+        parts = [
+            f"{'pages' if len(numbers) > 1 else 'page'} {', '.join(map(str, numbers))} {status}"
+            for status, numbers in by_status.items()
+        ]
+        note += f", {result.status}: {'; '.join(parts)}"
+    return note
+
+
+async def _finish(item: Item, fmt: OutputFormat) -> None:
+    """Write this file's output and say so now, whatever happens to the files still running."""
+    name = escape(str(item.source))
+    if item.result is not None and item.error is None:
+        await asyncio.to_thread(_write, item, render(item.result, fmt))
+    if item.result is None or item.error is not None:
+        err.print(f"[red]✗[/red] {name}: {escape(item.error or 'failed')}")
+        return
+    mark = "[yellow]![/yellow]" if item.result.status == "partial" else "[green]✓[/green]"
+    err.print(f"{mark} {name} → {escape(str(item.target))} ({escape(_pages_note(item.result))})")
+
+
+# Reads one file and returns its result; raises `Failure` with the message to show.
+ReadOne = Callable[[Item, Progress, TaskID], Awaitable[DocumentResult]]
+
+
+async def _read_all(items: list[Item], read_one: ReadOne, fmt: OutputFormat, jobs: int) -> None:
+    """Read up to `jobs` files at once; each is written and reported as soon as it is done."""
+    semaphore = asyncio.Semaphore(jobs)
+
+    async def one(item: Item) -> None:
+        async with semaphore:
+            task = progress.add_task(escape(item.source.name), total=None)
+            try:
+                item.result = await read_one(item, progress, task)
+            except Failure as exc:
+                item.error = str(exc)
+            except OSError as exc:
+                item.error = f"cannot read it: {exc.strerror or exc}"
+            except Exception as exc:  # a bug must not take the other files down with it
+                log.debug("reading %s failed", item.source, exc_info=True)
+                item.error = f"unexpected error: {exc!r}"
+            finally:
+                progress.remove_task(task)
+            await _finish(item, fmt)
+
+    with _progress() as progress:
+        for item in items:
+            if item.error is not None:
+                await _finish(item, fmt)
+        async with asyncio.TaskGroup() as group:
+            for item in items:
+                if item.error is None:
+                    group.create_task(one(item), name=f"read {item.source}")
+
+
+def _in_process(settings: Settings) -> Settings:
+    """The admission limits share a service between clients; here `--jobs` bounds the work instead."""
+    return settings.model_copy(
+        update={"max_queued_pages": 2**31, "key_max_pages_in_flight": None, "rate_limit_pages_per_min": None}
+    )
+
+
+async def _run_local(
+    settings: Settings, items: list[Item], pages: str | None, password: str | None, fmt: OutputFormat, jobs: int
+) -> None:
     from app.service import OCRService  # imported here: `info --server` and `--help` stay light
 
-    service = OCRService(settings)
+    service = OCRService(_in_process(settings))
     err.print(f"Loading {escape(settings.model_name)} ({settings.model_source.value} engine)…")
     try:
-        await service.start(wait=True)
-    except Exception as exc:
-        for item in items:
-            item.error = item.error or f"the engine failed to start: {exc}"
-        await service.close()
-        return
-    try:
-        with _progress() as progress:
+        try:
+            await service.start(wait=True)
+        except Exception as exc:
             for item in items:
-                if item.error is not None:
-                    continue
-                task = progress.add_task(escape(item.source.name), total=None)
-                try:
-                    data = item.source.read_bytes()
-                    async with service.admit(data, pages=pages, password=password) as job:
-                        progress.update(task, total=job.total)
-                        done = []
-                        async with contextlib.aclosing(service.iter_pages(job)) as results:
-                            async for page in results:
-                                done.append(page)
-                                progress.advance(task)
-                    item.result = service.assemble(done)
-                except OCRError as exc:
-                    item.error = f"{exc.code}: {exc.message}"
-                except OSError as exc:
-                    item.error = f"cannot read it: {exc.strerror or exc}"
-                if item.error is not None:
-                    progress.remove_task(task)
+                item.error = item.error or f"the engine failed to start: {exc}"
+            for item in items:
+                await _finish(item, fmt)
+            return
+
+        async def read_one(item: Item, progress: Progress, task: TaskID) -> DocumentResult:
+            """One file through the shared service: pages of every file in flight share the engine."""
+            data = await asyncio.to_thread(item.source.read_bytes)
+            try:
+                async with service.admit(data, pages=pages, password=password) as job:
+                    progress.update(task, total=job.total)
+                    done = []
+                    async with contextlib.aclosing(service.iter_pages(job)) as results:
+                        async for page in results:
+                            done.append(page)
+                            progress.advance(task)
+                return service.assemble(done)
+            except OCRError as exc:
+                raise Failure(f"{exc.code}: {exc.message}") from None
+
+        await _read_all(items, read_one, fmt, jobs)
     finally:
         await service.close()
 
@@ -202,84 +368,104 @@ def _error_of(response: httpx.Response) -> str:
         return f"HTTP {response.status_code}: {response.text[:200]}"
 
 
-def _post(
-    client: httpx.Client, item: Item, data: bytes, form: dict[str, str], progress: Progress, task: TaskID
+# A busy service (429/503 with Retry-After) is asked again this many times, waiting as it says (capped).
+BUSY_RETRIES = 5
+BUSY_WAIT_CAP_S = 30.0
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    if response.status_code not in (429, 503):
+        return None
+    try:
+        return min(max(float(response.headers["retry-after"]), 0.0), BUSY_WAIT_CAP_S)
+    except (KeyError, ValueError):
+        return None
+
+
+async def _post(
+    client: httpx.AsyncClient, item: Item, data: bytes, form: dict[str, str], progress: Progress, task: TaskID
 ) -> DocumentResult:
     """POST one file; follow an NDJSON stream of events when the server sends one, else read plain JSON."""
     files = {"file": (item.source.name, data)}
-    with client.stream("POST", "/api/inference", files=files, data=form, headers={"Accept": NDJSON}) as response:
-        if response.status_code != 200:
-            response.read()
-            raise Failure(_error_of(response))
-        if not response.headers.get("content-type", "").startswith(NDJSON):
-            response.read()
-            result = DocumentResult.model_validate_json(response.content)
-            progress.update(task, total=len(result.pages), completed=len(result.pages))
-            return result
-        for line in response.iter_lines():
-            if not line.strip():
+    for attempt in range(BUSY_RETRIES + 1):
+        async with client.stream(
+            "POST", "/api/inference", files=files, data=form, headers={"Accept": NDJSON}
+        ) as response:
+            if response.status_code != 200:
+                await response.aread()
+                wait = _retry_after(response)
+                if wait is None or attempt == BUSY_RETRIES:
+                    raise Failure(_error_of(response))
+                log.debug("%s: %s; asking again in %.0f s", item.source, _error_of(response), wait)
+                await asyncio.sleep(wait)
                 continue
-            event: dict[str, Any] = json.loads(line)
-            kind = event.get("event")
-            if kind == "start":
-                progress.update(task, total=event["total"])
-            elif kind == "progress":
-                progress.update(task, total=event["total"], completed=event["done"])
-            elif kind == "result":
-                return DocumentResult.model_validate(event["result"])
-            elif kind == "error":
-                error = event["error"]
-                raise Failure(f"{error['code']}: {error['message']}")
-    raise Failure("the server's stream ended without a result")
+            if not response.headers.get("content-type", "").startswith(NDJSON):
+                await response.aread()
+                result = DocumentResult.model_validate_json(response.content)
+                progress.update(task, total=len(result.pages), completed=len(result.pages))
+                return result
+            async for line in response.aiter_lines():
+                if not line.strip():
+                    continue
+                event: dict[str, Any] = json.loads(line)
+                kind = event.get("event")
+                if kind == "start":
+                    progress.update(task, total=event["total"])
+                elif kind == "progress":
+                    progress.update(task, total=event["total"], completed=event["done"])
+                elif kind == "result":
+                    return DocumentResult.model_validate(event["result"])
+                elif kind == "error":
+                    error = event["error"]
+                    raise Failure(f"{error['code']}: {error['message']}")
+            raise Failure("the server's stream ended without a result")
+    raise AssertionError("unreachable")
 
 
-def _run_remote(server: str, api_key: str | None, items: list[Item], pages: str | None, password: str | None) -> None:
+async def _run_remote(
+    server: str,
+    api_key: str | None,
+    items: list[Item],
+    pages: str | None,
+    password: str | None,
+    fmt: OutputFormat,
+    jobs: int,
+) -> None:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     form = {key: value for key, value in (("pages", pages), ("password", password)) if value}
     # No read timeout: the server bounds each request with REQUEST_TIMEOUT_S and streams as pages finish.
     timeout = httpx.Timeout(30.0, read=None)
-    with httpx.Client(base_url=server.rstrip("/"), headers=headers, timeout=timeout) as client, _progress() as progress:
-        for item in items:
-            if item.error is not None:
-                continue
-            task = progress.add_task(escape(item.source.name), total=None)
+    limits = httpx.Limits(max_connections=jobs)
+    async with httpx.AsyncClient(base_url=server, headers=headers, timeout=timeout, limits=limits) as client:
+
+        async def read_one(item: Item, progress: Progress, task: TaskID) -> DocumentResult:
+            """One file, one request: `jobs` of them in flight at once."""
+            data = await asyncio.to_thread(item.source.read_bytes)
             try:
-                item.result = _post(client, item, item.source.read_bytes(), form, progress, task)
-            except Failure as exc:
-                item.error = str(exc)
-            except OSError as exc:
-                item.error = f"cannot read it: {exc.strerror or exc}"
+                return await _post(client, item, data, form, progress, task)
             except httpx.HTTPError as exc:
-                item.error = f"request to {server} failed: {exc}"
+                raise Failure(f"request to {server} failed: {exc}") from None
             except ValueError as exc:  # JSON or model validation
-                item.error = f"unexpected answer from {server}: {exc}"
-            if item.error is not None:
-                progress.remove_task(task)
+                raise Failure(f"unexpected answer from {server}: {exc}") from None
+
+        await _read_all(items, read_one, fmt, jobs)
 
 
-def _report(items: list[Item], fmt: OutputFormat) -> int:
-    failed = 0
-    for item in items:
-        name = escape(str(item.source))
-        if item.result is not None:
-            try:
-                item.target.write_text(render(item.result, fmt), encoding="utf-8")
-            except OSError as exc:
-                item.error = f"cannot write {item.target}: {exc.strerror or exc}"
-        if item.result is None or item.error is not None:
-            failed += 1
-            err.print(f"[red]✗[/red] {name}: {escape(item.error or 'failed')}")
-            continue
-        result = item.result
-        note = f"{len(result.pages)} pages"
-        if result.status == "partial":
-            odd = [f"{page.page} {page.status}" for page in result.pages if page.status not in ("ok", "retried")]
-            note += f", partial: {', '.join(odd)}"
-        mark = "[yellow]![/yellow]" if result.status == "partial" else "[green]✓[/green]"
-        err.print(f"{mark} {name} → {escape(str(item.target))} ({escape(note)})")
+def _summary(items: list[Item]) -> int:
+    failed = sum(1 for item in items if not item.written)
     if failed:
         err.print(f"[red]{failed} of {len(items)} file(s) failed.[/red]")
     return 1 if failed else 0
+
+
+def _interrupted(items: list[Item]) -> int:
+    """Ctrl-C: say what was written and what was not; outputs already written stay."""
+    written = [item for item in items if item.written]
+    missing = [str(item.source) for item in items if not item.written]
+    err.print(f"[yellow]Interrupted: {len(written)} of {len(items)} file(s) written.[/yellow]")
+    if missing:
+        err.print(escape(f"Not written: {', '.join(missing)}"))
+    return INTERRUPTED
 
 
 def _settings() -> Settings:
@@ -290,38 +476,112 @@ def _settings() -> Settings:
         raise typer.Exit(2) from None
 
 
-@cli.command()
+def _server_url(server: str) -> str:
+    """`host:port` means `http://host:port`; only http and https are spoken."""
+    url = server.strip().rstrip("/")
+    if "://" not in url:
+        url = f"http://{url}"
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        parsed = None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
+        err.print(f"[red]--server {escape(server)}: expected host:port or an http(s):// URL[/red]")
+        raise typer.Exit(2)
+    return url
+
+
+def _password(password: str | None, password_file: Path | None) -> str | None:
+    """The password from its file (first line; the file is not shown by `ps`), else from --password."""
+    if password_file is None:
+        return password
+    try:
+        lines = password_file.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        err.print(f"[red]cannot read --password-file {escape(str(password_file))}: {escape(exc.strerror or str(exc))}")
+        raise typer.Exit(2) from None
+    return lines[0] if lines else ""
+
+
+def _log_level(settings: Settings) -> str:
+    """WARNING unless LOG_LEVEL is set: per-page and retry lines would bury the progress bars."""
+    return settings.log_level.value if "log_level" in settings.model_fields_set else "WARNING"
+
+
+ServerOption = Annotated[
+    str | None,
+    typer.Option(
+        envvar="LIGHTONOCR_SERVER",
+        metavar="URL",
+        help="A running service to use: host:port (http) or an http(s):// URL.",
+        show_envvar=True,
+    ),
+]
+ApiKeyOption = Annotated[
+    str | None,
+    typer.Option(
+        envvar="LIGHTONOCR_API_KEY",
+        metavar="KEY",
+        help="API key for --server (better from the environment: arguments show in `ps`).",
+        show_envvar=True,
+    ),
+]
+
+
+@cli.command(cls=PlainCommand)
 def ocr(
-    files: Annotated[list[Path], typer.Argument(help="PDFs or images to read.", show_default=False)],
+    files: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="FILE|DIR...",
+            help="PDFs or images; a directory reads the PDFs and images directly inside it.",
+            show_default=False,
+        ),
+    ],
     output_dir: Annotated[
-        Path, typer.Option("--output-dir", "-o", help="Where to write `<stem>.<format>` per input.")
+        Path, typer.Option("--output-dir", "-o", metavar="DIR", help="Where to write <stem>.<format> per input.")
     ] = Path("."),
     fmt: Annotated[OutputFormat, typer.Option("--format", "-f", help="md, json (the full result) or txt.")] = (
         OutputFormat.MD
     ),
-    pages: Annotated[str | None, typer.Option(help="Pages to read in every file, e.g. `1-3,7` or `5-`.")] = None,
-    password: Annotated[str | None, typer.Option(help="Password of encrypted PDFs.")] = None,
-    server: Annotated[
-        str | None, typer.Option(help="Send files to this running service (e.g. http://localhost:8000).")
+    pages: Annotated[
+        str | None, typer.Option(metavar="PAGES", help="Pages to read in every file, e.g. 1-3,7 or 5-.")
     ] = None,
-    api_key: Annotated[str | None, typer.Option(help="API key for --server.")] = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", metavar="N", min=1, help="Files read at once.")] = 4,
+    password: Annotated[
+        str | None, typer.Option(metavar="PASSWORD", help="Password of encrypted PDFs (shows in `ps`).")
+    ] = None,
+    password_file: Annotated[
+        Path | None,
+        typer.Option(metavar="FILE", help="Read the password of encrypted PDFs from the first line of FILE."),
+    ] = None,
+    server: ServerOption = None,
+    api_key: ApiKeyOption = None,
 ) -> None:
-    """OCR FILES into one markdown, JSON or text file each (in-process, or through --server)."""
-    items = _plan(files, output_dir, fmt)
+    """OCR files into one markdown, JSON or text file each (in-process, or through --server).
+
+    Each output is written as soon as its file is done; Ctrl-C keeps those and lists the rest.
+    """
+    password = _password(password, password_file)
+    url = _server_url(server) if server else None
+    items = _plan(_expand(files), output_dir, fmt)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         err.print(f"[red]cannot create {escape(str(output_dir))}: {escape(exc.strerror or str(exc))}[/red]")
         raise typer.Exit(2) from None
-    if server is not None:
-        _run_remote(server, api_key, items, pages, password)
-    else:
-        settings = _settings()
-        from app.logs import setup_logging
+    try:
+        if url is not None:
+            asyncio.run(_run_remote(url, api_key, items, pages, password, fmt, jobs))
+        else:
+            settings = _settings()
+            from app.logs import setup_logging
 
-        setup_logging(settings.log_format.value, settings.log_level.value)
-        asyncio.run(_run_local(settings, items, pages, password))
-    raise typer.Exit(_report(items, fmt))
+            setup_logging(settings.log_format.value, _log_level(settings))
+            asyncio.run(_run_local(settings, items, pages, password, fmt, jobs))
+    except KeyboardInterrupt:
+        raise typer.Exit(_interrupted(items)) from None
+    raise typer.Exit(_summary(items))
 
 
 # -- serve and info --------------------------------------------------------------------
@@ -381,7 +641,7 @@ def _local_info(settings: Settings) -> dict[str, Any]:
 def _remote_info(server: str, api_key: str | None) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        response = httpx.get(f"{server.rstrip('/')}/info", headers=headers, timeout=30)
+        response = httpx.get(f"{server}/info", headers=headers, timeout=30)
     except httpx.HTTPError as exc:
         err.print(f"[red]request to {escape(server)} failed: {escape(str(exc))}[/red]")
         raise typer.Exit(1) from None
@@ -405,12 +665,15 @@ def _rows(data: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
 
 @cli.command()
 def info(
-    server: Annotated[str | None, typer.Option(help="Show a running service's /info instead.")] = None,
-    api_key: Annotated[str | None, typer.Option(help="API key for --server.")] = None,
+    server: ServerOption = None,
+    api_key: ApiKeyOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Show the engine, model, device and the settings that matter (without loading the model)."""
-    data = _remote_info(server, api_key) if server is not None else _local_info(_settings())
+    """Show the engine, model, device and the settings that matter (without loading the model).
+
+    With --server (or LIGHTONOCR_SERVER), a running service's /info instead.
+    """
+    data = _remote_info(_server_url(server), api_key) if server else _local_info(_settings())
     if as_json:
         out.print_json(data=data)
         return

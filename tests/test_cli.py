@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,12 +22,13 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from typer.testing import CliRunner, Result
 
+from app import __version__
 from app.cli import cli, markdown_to_text
 from app.results import DocumentResult, PageResult
 from app.settings import get_settings
 from tests.conftest import ServiceFactory
-from tests.support.documents import make_pdf, make_png
-from tests.support.openai_stub import Reply, StubVLLM
+from tests.support.documents import make_pdf, make_png, page_id_of
+from tests.support.openai_stub import Reply, StubRequest, StubVLLM, default_responder
 from tests.support.server import ServedApp
 
 PAGE_PT = (144, 180)
@@ -110,12 +113,22 @@ def test_in_process_writes_json_and_reports_the_bad_file(inputs: dict[str, Path]
 
 
 @pytest.mark.usefixtures("tiny_env")
-def test_in_process_md_into_the_current_directory(inputs: dict[str, Path], workdir: Path) -> None:
-    result = invoke("ocr", str(inputs["a"]), "--pages", "2")
+def test_in_process_reads_only_the_selected_page_into_the_current_directory(workdir: Path) -> None:
+    """Page 2 is the only landscape page, so its image size shows which page the model was given."""
+    document = workdir / "mixed.pdf"
+    document.write_bytes(make_pdf(3, page_sizes_pt=[(144, 180), (180, 144), (144, 180)]))
+    result = invoke("ocr", str(document), "--pages", "2", "-f", "json")
     assert result.exit_code == 0, result.output
-    text = (workdir / "a.md").read_text()
-    assert text.strip()
+    read = DocumentResult.model_validate_json((workdir / "mixed.json").read_text())
+    assert [page.page for page in read.pages] == [2]
+    page = read.pages[0]
+    assert page.width is not None
+    assert page.height is not None
+    assert page.width > page.height
+    assert page.tokens > 0
     assert result.stdout == ""  # progress and messages go to stderr
+    assert "mixed.pdf → mixed.json (1 page" in result.stderr
+    assert "engine ready" not in result.stderr  # INFO lines stay out of the way unless LOG_LEVEL asks for them
 
 
 @pytest.mark.usefixtures("workdir")
@@ -156,7 +169,7 @@ def test_server_writes_each_format(
         assert a == "page 1\n\npage 2\n\npage 3\n"
         assert b == "page 7\n"
     assert "bad.pdf: unsupported_media_type" in result.stderr
-    assert "3/3" in result.stderr  # per-page progress from the stream
+    assert f"a.pdf → out/a.{fmt} (3 pages)" in result.stderr
 
 
 def test_server_with_pages_and_keys(inputs: dict[str, Path], workdir: Path, vllm_service: ServiceFactory) -> None:
@@ -200,6 +213,126 @@ def test_unreachable_server(inputs: dict[str, Path]) -> None:
     result = invoke("ocr", str(inputs["b"]), "--server", "http://127.0.0.1:9")
     assert result.exit_code == 1
     assert "request to http://127.0.0.1:9 failed" in result.stderr
+
+
+def test_server_files_run_several_at_once(workdir: Path, stub: StubVLLM, vllm_service: ServiceFactory) -> None:
+    """`--jobs 2`: each page waits until the other file's page has arrived too, so one at a time fails."""
+    both_in = threading.Barrier(2)
+
+    async def together(request: StubRequest) -> Reply:
+        try:
+            await asyncio.to_thread(both_in.wait, 30)
+        except threading.BrokenBarrierError:
+            return Reply(status=400, message="the files were read one at a time")
+        return default_responder(request)
+
+    stub.responder = together
+    first, second = workdir / "first.png", workdir / "second.png"
+    first.write_bytes(make_png(300, 400, page_id=1))
+    second.write_bytes(make_png(300, 400, page_id=2))
+    url = vllm_service(vllm_max_retries=0)
+    result = invoke("ocr", str(first), str(second), "--server", url, "--jobs", "2", "-o", "out")
+    assert result.exit_code == 0, result.output
+    assert (workdir / "out" / "first.md").read_text() == "page 1\n"
+    assert (workdir / "out" / "second.md").read_text() == "page 2\n"
+
+
+def test_server_as_host_port_key_from_the_environment_password_from_a_file(
+    workdir: Path, vllm_service: ServiceFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Secrets need not be arguments (they would show in `ps`); `host:port` means http."""
+    url = vllm_service(api_keys="k-123")
+    locked = workdir / "locked.pdf"
+    locked.write_bytes(make_pdf(1, PAGE_PT, password="s3cret"))
+    (workdir / "pw.txt").write_text("s3cret\n")
+    monkeypatch.setenv("LIGHTONOCR_SERVER", url.removeprefix("http://"))
+    monkeypatch.setenv("LIGHTONOCR_API_KEY", "k-123")
+    result = invoke("ocr", str(locked), "--password-file", "pw.txt")
+    assert result.exit_code == 0, result.output
+    assert (workdir / "locked.md").read_text() == "page 1\n"
+    assert "s3cret" not in result.output
+
+
+def test_server_url_with_another_scheme_is_bad_usage(inputs: dict[str, Path]) -> None:
+    result = invoke("ocr", str(inputs["b"]), "--server", "ftp://ocr:8000")
+    assert result.exit_code == 2
+    assert "expected host:port or an http(s):// URL" in result.stderr
+
+
+def test_partial_document_names_its_pages(
+    inputs: dict[str, Path], workdir: Path, stub: StubVLLM, vllm_service: ServiceFactory
+) -> None:
+    stub.responder = lambda request: Reply(text=f"cut {page_id_of(request.image)}", finish_reason="length")
+    url = vllm_service(retry_temperatures="")
+    result = invoke("ocr", str(inputs["a"]), "--server", url)
+    assert result.exit_code == 0, result.output  # written, marked `!`
+    assert "(3 pages, partial: pages 1, 2, 3 truncated)" in result.stderr
+
+
+def test_a_directory_reads_the_documents_inside_it(workdir: Path, vllm_service: ServiceFactory) -> None:
+    folder = workdir / "scans"
+    folder.mkdir()
+    (folder / "report.pdf").write_bytes(make_pdf(1, PAGE_PT))
+    (folder / "photo").write_bytes(make_png(300, 400, page_id=5))  # no extension: its bytes say PNG
+    (folder / "notes.txt").write_text("not a document")
+    (folder / "sub").mkdir()
+    url = vllm_service()
+    result = invoke("ocr", str(folder), "--server", url, "-o", "out")
+    assert result.exit_code == 0, result.output
+    assert sorted(path.name for path in (workdir / "out").iterdir()) == ["photo.md", "report.md"]
+    assert (workdir / "out" / "photo.md").read_text() == "page 5\n"
+    assert "2 file(s) to read; skipped 1 that are not PDFs or images: notes.txt" in result.stderr
+
+
+def test_interrupt_keeps_finished_outputs_and_says_what_is_missing(
+    workdir: Path, stub: StubVLLM, vllm_service: ServiceFactory
+) -> None:
+    """Ctrl-C while one file is still being read: the files already done are on disk, written as each finished."""
+    release = threading.Event()
+
+    async def hold_page_2(request: StubRequest) -> Reply:
+        if page_id_of(request.image) == 2:
+            await asyncio.to_thread(release.wait, 120)
+        return default_responder(request)
+
+    stub.responder = hold_page_2
+    for number, name in enumerate(["one", "two", "three"], start=1):
+        (workdir / f"{name}.png").write_bytes(make_png(300, 400, page_id=number))
+    url = vllm_service()
+    command = [sys.executable, "-c", "from app.cli import main; main()", "ocr", "one.png", "two.png", "three.png"]
+    process = subprocess.Popen([*command, "--server", url, "-o", "out"], cwd=workdir, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not ((workdir / "out" / "one.md").exists() and (workdir / "out" / "three.md").exists()):
+            assert process.poll() is None, process.communicate()[1]
+            assert time.monotonic() < deadline, "nothing was written while a file was still being read"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        release.set()
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, stderr
+    assert sorted(path.name for path in (workdir / "out").iterdir()) == ["one.md", "three.md"]
+    assert (workdir / "out" / "one.md").read_text() == "page 1\n"
+    assert "Interrupted: 2 of 3 file(s) written." in stderr
+    assert "Not written: two.png" in stderr
+
+
+# -- help and version ----------------------------------------------------------------------
+
+
+def test_version_and_plain_help() -> None:
+    version = invoke("--version")
+    assert version.exit_code == 0
+    assert version.stdout == f"lightonocr {__version__}\n"
+    help_text = invoke("ocr", "--help").stdout
+    assert "Usage: lightonocr ocr [OPTIONS] FILE|DIR...\n" in help_text
+    for words in ("-o, --output-dir DIR", "--jobs N", "--password-file FILE", "--server URL", "LIGHTONOCR_API_KEY"):
+        assert words in help_text
+    for noise in ("<list", "<str>", "<path>", "<int>", "<bool>", "TEXT", "PATH", "INTEGER"):
+        assert noise not in help_text
 
 
 # -- info ------------------------------------------------------------------------------------
