@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
+from app.api.middleware import PROBES
 from app.errors import ClientDisconnected, OCRError, Retryable, Unauthorized
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,9 @@ def error_json(exc: OCRError) -> JSONResponse:
 async def _ocr_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, OCRError)
     if exc.status >= 500:
-        log.warning("%s %s -> %d %s: %s", request.method, request.url.path, exc.status, exc.code, exc.message)
+        # A probe's 503 is its answer, asked every few seconds while the model loads: not one warning each.
+        level = logging.DEBUG if request.url.path in PROBES else logging.WARNING
+        log.log(level, "%s %s -> %d %s: %s", request.method, request.url.path, exc.status, exc.code, exc.message)
     return error_json(exc)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import select
 import socket
 from typing import Any
@@ -185,3 +186,20 @@ def test_max_new_tokens_beyond_server_context_is_not_ready(vllm_service: Service
     url = vllm_service(max_new_tokens=20000)
     body = assert_error(httpx.get(f"{url}/ready"), 503, "engine_unavailable")
     assert "MAX_NEW_TOKENS" in body["error"]["message"]
+
+
+def test_not_ready_probes_log_at_debug_not_warning(
+    vllm_service: ServiceFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Orchestrators probe /ready every few seconds: a 503 there is an answer, not an incident to warn about."""
+    caplog.set_level(logging.DEBUG, logger="app.api.errors")
+    url = vllm_service(model_name="someone/else")  # never ready: the stub serves another model
+    for _ in range(5):
+        assert_error(httpx.get(f"{url}/ready"), 503, "engine_unavailable")
+    probes = [r for r in caplog.records if r.name == "app.api.errors" and "/ready" in r.getMessage()]
+    assert len(probes) == 5
+    assert all(r.levelno == logging.DEBUG for r in probes), [(r.levelname, r.getMessage()) for r in probes]
+    # A request that fails for the same reason is worth a warning.
+    assert post(url, {"file": ("a.png", make_png(200, 200))}).status_code >= 500
+    inference = [r for r in caplog.records if r.name == "app.api.errors" and "/api/inference" in r.getMessage()]
+    assert [r.levelno for r in inference] == [logging.WARNING]
