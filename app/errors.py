@@ -40,7 +40,8 @@ handler and clients can branch on `code` without parsing messages.
         └── ServiceUnavailable (503 service_unavailable)
             ├── Overloaded (503 overloaded)
             ├── EngineNotReady (503 engine_not_ready)
-            └── EngineUnavailable (503 engine_unavailable)
+            ├── EngineUnavailable (503 engine_unavailable)
+            └── ShuttingDown (503 shutting_down)
 """
 
 from __future__ import annotations
@@ -235,3 +236,9 @@ class EngineNotReady(ServiceUnavailable):
 
 class EngineUnavailable(ServiceUnavailable):
     code = "engine_unavailable"
+
+
+class ShuttingDown(ServiceUnavailable):
+    """The server stopped before this request finished (SIGTERM, and SHUTDOWN_GRACE_S ran out): retry it."""
+
+    code = "shutting_down"

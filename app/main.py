@@ -16,7 +16,13 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 
 from app import __version__
-from app.api.errors import document_validation_errors, error_responses, error_table, install_error_handlers
+from app.api.errors import (
+    document_validation_errors,
+    error_responses,
+    error_table,
+    finish_cut_requests,
+    install_error_handlers,
+)
 from app.api.jobs import router as jobs_router
 from app.api.middleware import RequestMiddleware
 from app.api.routes import router
@@ -47,6 +53,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             await jobs.start()  # after the engine starts: resumes unfinished jobs
             yield
         finally:
+            await finish_cut_requests(app)  # requests cut past the grace period answer 503 shutting_down
             await jobs.stop()  # before the engine closes; running jobs stay `running` and resume next start
             await service.close()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -11,9 +12,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.middleware import PROBES
-from app.errors import ClientDisconnected, OCRError, Retryable, Unauthorized
+from app.errors import ClientDisconnected, OCRError, Retryable, ShuttingDown, Unauthorized
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,8 @@ WHEN: dict[str, str] = {
     "overloaded": "more than `MAX_QUEUED_PAGES` pages waiting (with `Retry-After`)",
     "engine_not_ready": "the model is still loading (with `Retry-After`)",
     "engine_unavailable": "the model failed to load, vLLM is unreachable or serves another model (with `Retry-After`)",
+    "shutting_down": "the server stopped before the request finished (SIGTERM past `SHUTDOWN_GRACE_S`; with "
+    "`Retry-After`); a stream ends with this `error` event",
     "engine_timeout": "a page took longer than `VLLM_PAGE_TIMEOUT_S`",
     "request_timeout": "the pages did not finish within `REQUEST_TIMEOUT_S` (details: pages done/total)",
     "invalid_callback_url": "the callback URL is not acceptable",
@@ -203,8 +207,72 @@ def document_validation_errors(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+class ShutdownGuard:
+    """Answers 503 `shutting_down` to a request the server cancels (SIGTERM, and the grace period ran out).
+
+    uvicorn cancels the tasks still running when `--timeout-graceful-shutdown` expires; left alone, the
+    cancellation reaches uvicorn, which logs a traceback and answers a text/plain 500. Nothing else cancels
+    a request's own task (a client that leaves is noticed by `until_disconnect`, which cancels only the
+    work it watches), so a cancellation arriving here is the server stopping. Streams end themselves with an
+    `error` event (`EventStream`); a response already under way is left to close.
+
+    uvicorn runs only the lifespan's shutdown after cancelling, then exits: the lifespan waits for these
+    answers with `finish_cut_requests`, so the tasks are tracked in `tasks`.
+    """
+
+    def __init__(self, app: ASGIApp, tasks: set[asyncio.Task[Any]]) -> None:
+        self.app = app
+        self.tasks = tasks
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        if scope["type"] != "http" or task is None:
+            await self.app(scope, receive, send)
+            return
+        self.tasks.add(task)
+        try:
+            await self._guarded(task, scope, receive, send)
+        finally:
+            self.tasks.discard(task)
+
+    async def _guarded(self, task: asyncio.Task[Any], scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+
+        async def watching_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watching_send)
+        except asyncio.CancelledError:
+            task.uncancel()  # answered here: the cancellation ends with this request
+            log.warning("%s %s cut by the server's shutdown (past its grace period)", scope["method"], scope["path"])
+            if not started:
+                await error_json(shutting_down(scope))(scope, receive, send)
+
+
+def shutting_down(scope: Scope) -> ShuttingDown:
+    """The error for a request cut by shutdown; Retry-After is RETRY_AFTER_S when the service is up."""
+    service = getattr(getattr(scope.get("app"), "state", None), "service", None)
+    retry_after = getattr(getattr(service, "settings", None), "retry_after_s", 5)
+    return ShuttingDown(
+        "the server is shutting down and stopped this request before it finished; retry it",
+        retry_after=retry_after,
+    )
+
+
+async def finish_cut_requests(app: FastAPI, timeout_s: float = 5.0) -> None:
+    """At shutdown, before the engine closes: let requests the server cancelled send their 503 (bounded)."""
+    tasks: set[asyncio.Task[Any]] = app.state.request_tasks
+    if tasks:
+        await asyncio.wait(set(tasks), timeout=timeout_s)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(OCRError, _ocr_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
+    app.state.request_tasks = set()
+    app.add_middleware(ShutdownGuard, tasks=app.state.request_tasks)  # innermost: access log and metrics see it

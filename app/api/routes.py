@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from app import __version__
-from app.api.errors import error_responses
+from app.api.errors import error_responses, shutting_down
 from app.api.security import client_id
 from app.api.upload import Upload, read_upload
 from app.errors import ClientDisconnected, ServiceUnavailable
@@ -23,6 +24,8 @@ from app.service import OCRService
 from app.streaming import Event, document_events, ndjson, server_sent
 
 API_VERSION = "1.0"
+
+log = logging.getLogger(__name__)
 
 router = APIRouter()
 
@@ -127,6 +130,7 @@ class EventStream(StreamingResponse):
         on_close: Callable[[], Awaitable[None]],
     ) -> None:
         self._events = events
+        self._encode = encode
         self._on_close = on_close
 
         async def body() -> AsyncIterator[bytes]:
@@ -138,11 +142,28 @@ class EventStream(StreamingResponse):
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+
+        async def watching_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
             # Starlette notices a gone client only at the next write; watch for it so held pages are dropped now.
-            await until_disconnect(receive, super().__call__(scope, receive, send))
+            await until_disconnect(receive, super().__call__(scope, receive, watching_send))
         except ClientDisconnected:
             pass
+        except asyncio.CancelledError:
+            if not started:
+                raise  # ShutdownGuard answers the JSON 503
+            # The server stops past its grace period (see ShutdownGuard): end the stream the documented way.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            log.warning("stream %s cut by the server's shutdown (past its grace period)", scope["path"])
+            event = {"event": "error", "error": shutting_down(scope).to_dict()}
+            await send({"type": "http.response.body", "body": self._encode(event), "more_body": False})
         finally:
             await self._events.aclose()  # cancels pages not started
             await self._on_close()
@@ -174,6 +195,9 @@ async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
         done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
         task.cancel()
+        # Let the work unwind before the caller's own cleanup runs (it may release what the work still uses).
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
         raise
     finally:
         watcher.cancel()

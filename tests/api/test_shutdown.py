@@ -7,6 +7,7 @@ so "in flight while SIGTERM arrives" is forced by events, not timing.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -59,8 +60,21 @@ def is_ready(url: str) -> bool:
         return False
 
 
+ServiceProcess = tuple[subprocess.Popen[bytes], int, Path]
+
+
 @pytest.fixture
-def service_process(stub: StubVLLM, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
+def service_process(stub: StubVLLM, tmp_path: Path) -> Iterator[ServiceProcess]:
+    yield from _serve(stub, tmp_path, GRACE_S)
+
+
+@pytest.fixture
+def impatient_process(stub: StubVLLM, tmp_path: Path) -> Iterator[ServiceProcess]:
+    """A grace period shorter than the work in flight: SIGTERM cuts the requests."""
+    yield from _serve(stub, tmp_path, 1)
+
+
+def _serve(stub: StubVLLM, tmp_path: Path, grace_s: int) -> Iterator[ServiceProcess]:
     port = free_port()
     env = {
         **os.environ,
@@ -71,7 +85,7 @@ def service_process(stub: StubVLLM, tmp_path: Path) -> Iterator[tuple[subprocess
     }
     log = tmp_path / "service.log"
     command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port),
-               "--timeout-graceful-shutdown", str(GRACE_S)]  # fmt: skip
+               "--timeout-graceful-shutdown", str(grace_s)]  # fmt: skip
     with log.open("wb") as out:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -115,3 +129,47 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(
     assert "Finished server process" in output
     assert "Traceback" not in output
     assert stub.cancelled == 0  # no page was abandoned
+
+
+def test_requests_cut_by_shutdown_get_503_shutting_down(impatient_process: ServiceProcess, stub: StubVLLM) -> None:
+    """Past the grace period a plain request gets the JSON 503 and a stream ends with an `error` event.
+
+    The stub holds every page until the test ends, so both requests are still in flight when the
+    grace period runs out (forced by the gate, not by timing).
+    """
+    process, port, log = impatient_process
+    url = f"http://127.0.0.1:{port}"
+    gate = Gate(max_wait_s=60)
+    stub.responder = gate
+    pdf = make_pdf(2, page_size_pt=(216, 288))
+
+    def stream() -> list[dict[str, object]]:
+        headers = {"Accept": "application/x-ndjson"}
+        files = {"file": ("doc.pdf", pdf)}
+        with httpx.stream("POST", f"{url}/api/inference", files=files, headers=headers, timeout=60) as response:
+            assert response.status_code == 200
+            return [json.loads(line) for line in response.iter_lines() if line]
+
+    with ThreadPoolExecutor(2) as pool:
+        try:
+            plain = pool.submit(httpx.post, f"{url}/api/inference", files={"file": ("doc.pdf", pdf)}, timeout=60)
+            stub.wait_until(lambda s: s.in_flight == 2, timeout=30)
+            streamed = pool.submit(stream)
+            stub.wait_until(lambda s: s.in_flight == 4, timeout=30)
+            process.send_signal(signal.SIGTERM)
+            response = plain.result(timeout=30)
+            events = streamed.result(timeout=30)
+        finally:
+            gate.open()
+
+    assert response.status_code == 503, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert response.json()["error"]["code"] == "shutting_down"
+    assert int(response.headers["retry-after"]) > 0
+    assert [event["event"] for event in events] == ["start", "error"]
+    assert events[-1]["error"]["code"] == "shutting_down"  # type: ignore[index]
+    returncode = process.wait(30)
+    output = log.read_text()
+    assert returncode in (0, -signal.SIGTERM), output
+    assert "Traceback" not in output
+    assert "Exception in ASGI application" not in output
