@@ -100,7 +100,10 @@ class Settings(BaseSettings):
     max_pages: PositiveInt = 100
     max_image_pixels: PositiveInt = 80_000_000
     max_field_size_kb: PositiveInt = 64
-    upload_timeout_s: PositiveFloat = 60
+    # An upload is cut when no byte arrives for UPLOAD_IDLE_TIMEOUT_S, or when it is still arriving after
+    # UPLOAD_TIMEOUT_S (a cap generous enough for MAX_FILE_SIZE_MB at 15 KB/s).
+    upload_idle_timeout_s: PositiveFloat = 30
+    upload_timeout_s: PositiveFloat = 900
 
     # vLLM engine.
     vllm_base_url: str = "http://localhost:8001/v1"

@@ -49,7 +49,7 @@ WHEN: dict[str, str] = {
     "unauthorized": "API keys are on and the key is missing or wrong (with `WWW-Authenticate`)",
     "not_found": "unknown route",
     "method_not_allowed": "known route, other method",
-    "upload_timeout": "the upload took longer than `UPLOAD_TIMEOUT_S`",
+    "upload_timeout": "no byte of the upload for `UPLOAD_IDLE_TIMEOUT_S`, or it took longer than `UPLOAD_TIMEOUT_S`",
     "file_too_large": "the file is over `MAX_FILE_SIZE_MB` (detected while reading)",
     "field_too_large": "a form field is over `MAX_FIELD_SIZE_KB`",
     "unsupported_media_type": "the bytes are not a supported document type",

@@ -176,6 +176,7 @@ async def read_document(request: Request, service: OCRService) -> Upload:
         max_file_bytes=settings.max_file_bytes,
         max_field_bytes=settings.max_field_size_kb * 1024,
         timeout_s=settings.upload_timeout_s,
+        idle_timeout_s=settings.upload_idle_timeout_s,
     )
 
 

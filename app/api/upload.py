@@ -8,6 +8,7 @@ refused after at most MAX_FILE_SIZE_MB (plus one chunk) has been read.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from python_multipart.exceptions import FormParserError
@@ -106,7 +107,28 @@ class _Collector:
             )
 
 
-async def read_upload(request: Request, *, max_file_bytes: int, max_field_bytes: int, timeout_s: float) -> Upload:
+async def _next_chunk(chunks: AsyncIterator[bytes], idle_timeout_s: float) -> bytes | None:
+    """The body's next chunk (None at its end); `UploadTimeout` when none arrives for `idle_timeout_s`."""
+    try:
+        async with asyncio.timeout(idle_timeout_s):
+            return await anext(chunks)
+    except StopAsyncIteration:
+        return None
+    except TimeoutError:
+        raise UploadTimeout(
+            f"no byte of the upload arrived for {idle_timeout_s:g}s (UPLOAD_IDLE_TIMEOUT_S)",
+            idle_timeout_s=idle_timeout_s,
+        ) from None
+
+
+async def read_upload(
+    request: Request, *, max_file_bytes: int, max_field_bytes: int, timeout_s: float, idle_timeout_s: float
+) -> Upload:
+    """Read and check the multipart body as it arrives.
+
+    Two clocks: `idle_timeout_s` without a byte means a stalled client; `timeout_s` caps the whole upload,
+    so a slow but live client (15 KB/s on a poor link) is read to the end while a stalled one is cut early.
+    """
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     boundary = options.get(b"boundary")
     if content_type != b"multipart/form-data" or not boundary:
@@ -132,8 +154,9 @@ async def read_upload(request: Request, *, max_file_bytes: int, max_field_bytes:
         },
     )
     try:
+        chunks = request.stream()
         async with asyncio.timeout(timeout_s):
-            async for chunk in request.stream():
+            while (chunk := await _next_chunk(chunks, idle_timeout_s)) is not None:
                 parser.write(chunk)
         parser.finalize()
     except TimeoutError:
