@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import html
 import json
 import logging
 import math
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -46,6 +44,7 @@ from app import __version__
 from app.errors import OCRError
 from app.results import DocumentResult
 from app.settings import Settings, SettingsError, get_settings
+from app.text import markdown_to_text
 
 NDJSON = "application/x-ndjson"
 log = logging.getLogger("app.cli")
@@ -116,48 +115,11 @@ class Failure(Exception):
     """One file could not be read; the message is shown as is."""
 
 
-# -- txt output ------------------------------------------------------------------------
-
-# Deliberately simple: drops markup, keeps words and reading order. Headings, emphasis, inline code,
-# code fences, links and images (their text kept), blockquote markers, HTML tags and pipe-table rules go;
-# table cells become tab-separated lines; list markers and LaTeX math stay as written.
-_TXT_RULES: list[tuple[re.Pattern[str], str]] = [
-    (re.compile(r"^\s*```[^\n]*$\n?", re.M), ""),
-    (re.compile(r"<br\s*/?>", re.I), "\n"),
-    (re.compile(r"[ \t]*</t[dh]>[ \t]*", re.I), "\t"),
-    (re.compile(r"\s*</tr>\s*", re.I), "\n"),
-    (re.compile(r"<[^>\n]+>"), ""),
-    (re.compile(r"^[ \t]*\|?[ \t]*:?-{3,}:?[ \t]*(\|[ \t]*:?-{3,}:?[ \t]*)*\|?[ \t]*$\n?", re.M), ""),
-    (re.compile(r"!\[([^\]]*)\]\([^)]*\)"), r"\1"),
-    (re.compile(r"\[([^\]]*)\]\([^)]*\)"), r"\1"),
-    (re.compile(r"^[ \t]{0,3}#{1,6}[ \t]+", re.M), ""),
-    (re.compile(r"^[ \t]{0,3}>[ \t]?", re.M), ""),
-    (re.compile(r"(\*\*|__)(?=\S)(.+?)(?<=\S)\1"), r"\2"),
-    (re.compile(r"(?<![\w*])\*(?=\S)(.+?)(?<=\S)\*(?![\w*])"), r"\1"),
-    (re.compile(r"(?<![\w_])_(?=\S)(.+?)(?<=\S)_(?![\w_])"), r"\1"),
-    (re.compile(r"`([^`\n]+)`"), r"\1"),
-]
-
-
-def markdown_to_text(markdown: str) -> str:
-    text = markdown
-    for pattern, replacement in _TXT_RULES:
-        text = pattern.sub(replacement, text)
-    lines = []
-    for line in text.split("\n"):
-        stripped = line.strip()
-        if stripped.startswith("|") and stripped.endswith("|") and len(stripped) > 1:
-            line = "\t".join(cell.strip() for cell in stripped[1:-1].split("|"))
-        lines.append(line.rstrip())
-    text = html.unescape("\n".join(lines))
-    return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
-
-
 def render(result: DocumentResult, fmt: OutputFormat) -> str:
     if fmt is OutputFormat.JSON:
         return result.model_dump_json(indent=2) + "\n"
     if fmt is OutputFormat.TXT:
-        return markdown_to_text(result.text)
+        return markdown_to_text(result.text) or "\n"
     return result.text.rstrip("\n") + "\n"
 
 

@@ -80,7 +80,7 @@ def test_txt_strips_markup_and_keeps_words() -> None:
         "Year\tTotal\n2024\t5\n\n"
         "A\tB\n1 & 2\t3\n\n"
         "print(1)\n\n"
-        "- item with $x_1 + y_2$\n\na chart\n\nquoted\n"
+        "- item with $x_1 + y_2$\n\nquoted\n"
     )
 
 

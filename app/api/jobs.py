@@ -8,15 +8,11 @@ other keys get 404 for it, as for an unknown id.
 
 from __future__ import annotations
 
-import re
-from functools import lru_cache
-from html.parser import HTMLParser
 from typing import Annotated, Literal
 
 import anyio
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from markdown_it import MarkdownIt
 from pydantic import BaseModel, Field
 
 from app.api.errors import error_responses
@@ -26,6 +22,7 @@ from app.errors import InvalidPages, JobFailed, JobNotFinished, JobNotFound, OCR
 from app.imaging import page_png
 from app.jobs import JobDetail, JobRecord, JobRunner, JobSummary, NewJob, summarize, validate_callback_url
 from app.results import DocumentResult
+from app.text import markdown_to_text
 
 router = APIRouter(prefix="/api/jobs", tags=["jobs"])
 
@@ -211,61 +208,3 @@ async def cancel_job(request: Request, runner: Runner, job_id: str) -> JobSummar
     if record is None:
         raise JobNotFound(f"no job {job_id!r} (unknown, expired, or not yours)", job_id=job_id)
     return summarize(record, runner.clock())
-
-
-# -- plain text ------------------------------------------------------------------------------
-
-_BLOCK_END = {"p", "h1", "h2", "h3", "h4", "h5", "h6", "table", "pre", "blockquote", "ul", "ol", "hr"}
-_LINE_END = {"li", "tr", "div", "caption"}
-_CELL = {"td", "th"}
-
-
-class _Text(HTMLParser):
-    """Collects an HTML fragment's text: blocks end with a blank line, rows with a newline, cells with a tab."""
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-        self._pre = 0
-        self._after_br = False
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in ("br", "hr"):
-            self.parts.append("\n")
-            self._after_br = True  # markdown-it writes `<br />\n`: that newline is the same break
-            return
-        if tag == "pre":
-            self._pre += 1
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag == "pre":
-            self._pre = max(0, self._pre - 1)
-        if tag in _CELL:
-            self.parts.append("\t")
-        elif tag in _BLOCK_END:
-            self.parts.append("\n\n")
-        elif tag in _LINE_END:
-            self.parts.append("\n")
-
-    def handle_data(self, data: str) -> None:
-        if self._after_br and data.startswith("\n"):
-            data = data[1:]
-        self._after_br = False
-        if self._pre or data.strip() or "\n" not in data:  # newlines between tags are layout, not text
-            self.parts.append(data)
-
-
-@lru_cache(maxsize=1)
-def _markdown() -> MarkdownIt:
-    # Raw HTML kept, so the model's HTML tables become text like pipe tables do.
-    return MarkdownIt("commonmark", {"html": True}).enable("table")
-
-
-def markdown_to_text(markdown: str) -> str:
-    """Markdown as plain text: rendered with markdown-it-py, then stripped of tags (math stays as written)."""
-    parser = _Text()
-    parser.feed(_markdown().render(markdown))
-    parser.close()
-    lines = [line.rstrip() for line in "".join(parser.parts).splitlines()]
-    text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
-    return text + "\n" if text else ""

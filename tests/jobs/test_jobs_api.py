@@ -12,7 +12,6 @@ from typing import Any
 import httpx
 import pytest
 
-from app.api.jobs import markdown_to_text
 from tests.conftest import ServiceFactory
 from tests.jobs import Job, submit, wait_job, wait_status
 from tests.support.documents import make_pdf, page_id_of
@@ -250,7 +249,9 @@ def test_result_formats(stub: StubVLLM, jobs_service: Callable[..., str]) -> Non
 
     text = httpx.get(base, params={"format": "txt"})
     assert text.headers["content-type"].startswith("text/plain")
-    assert text.text == ("Title\n\nSome bold text with $x^2$ & more.\n\na\tb\n1\t2\n\nh1\th2\nc & d\te\n\none\ntwo\n")
+    assert text.text == (
+        "Title\n\nSome bold text with $x^2$ & more.\n\na\tb\n1\t2\n\nh1\th2\nc & d\te\n\n- one\n- two\n"
+    )
     bad = httpx.get(base, params={"format": "xml"})
     assert bad.status_code == 422
     assert bad.json()["error"]["code"] == "validation_error"
@@ -259,13 +260,6 @@ def test_result_formats(stub: StubVLLM, jobs_service: Callable[..., str]) -> Non
         assert unknown.status_code == 404
         assert unknown.json()["error"]["code"] == "job_not_found"
     assert httpx.delete(f"{url}/api/jobs/nope").status_code == 404
-
-
-def test_markdown_to_text_edge_cases() -> None:
-    assert markdown_to_text("") == ""
-    assert markdown_to_text("![image](image_1.png)\n\nCaption") == "Caption\n"
-    assert markdown_to_text("$$\nE = mc^2\n$$") == "$$\nE = mc^2\n$$\n"
-    assert markdown_to_text("line one  \nline two") == "line one\nline two\n"
 
 
 def test_storage_bound(stub: StubVLLM, jobs_service: Callable[..., str]) -> None:
