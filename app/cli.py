@@ -10,7 +10,6 @@ Progress and messages go to stderr, so stdout stays clean for scripts.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
@@ -306,14 +305,10 @@ async def _run_local(
             """One file through the shared service: pages of every file in flight share the engine."""
             data = await asyncio.to_thread(item.source.read_bytes)
             try:
-                async with service.admit(data, pages=pages, password=password) as job:
-                    progress.update(task, total=job.total)
-                    done = []
-                    async with contextlib.aclosing(service.iter_pages(job)) as results:
-                        async for page in results:
-                            done.append(page)
-                            progress.advance(task)
-                return service.assemble(done)
+                async with service.admit(data, pages=pages, password=password) as admitted:
+                    progress.update(task, total=admitted.total)
+                    # No REQUEST_TIMEOUT_S here: a terminal run may take as long as its document needs.
+                    return await service.run(admitted, on_page=lambda _: progress.advance(task), request_timeout=False)
             except OCRError as exc:
                 raise Failure(f"{exc.code}: {exc.message}") from None
 

@@ -31,7 +31,8 @@ handler and clients can branch on `code` without parsing messages.
     ├── JobNotFound (404 job_not_found: unknown, another key's, or expired)
     ├── JobConflict (409 job_conflict)
     │   ├── JobNotFinished (409 job_not_finished)
-    │   └── JobFailed (409 job_failed)
+    │   ├── JobFailed (409 job_failed)
+    │   └── JobCancelled (409 job_cancelled)
     ├── JobsStorageFull (507 jobs_storage_full)
     └── Retryable (carries Retry-After)
         ├── TooManyRequests (429 too_many_requests)
@@ -185,7 +186,15 @@ class JobNotFinished(JobConflict):
 
 
 class JobFailed(JobConflict):
+    """GET /api/jobs/{id}/result of a job that ended `failed`; `details.error` is the job's error."""
+
     code = "job_failed"
+
+
+class JobCancelled(JobConflict):
+    """GET /api/jobs/{id}/result of a cancelled job: it has no result (its finished pages are in the job)."""
+
+    code = "job_cancelled"
 
 
 class JobsStorageFull(OCRError):
@@ -242,3 +251,27 @@ class ShuttingDown(ServiceUnavailable):
     """The server stopped before this request finished (SIGTERM, and SHUTDOWN_GRACE_S ran out): retry it."""
 
     code = "shutting_down"
+
+
+def error_classes() -> dict[str, type[OCRError]]:
+    """Every error class by its code (the most general class where several share a code)."""
+    found: dict[str, type[OCRError]] = {}
+    pending: list[type[OCRError]] = [OCRError]
+    while pending:
+        cls = pending.pop(0)
+        pending.extend(cls.__subclasses__())
+        found.setdefault(cls.code, cls)
+    return found
+
+
+def rebuild_error(code: str, message: str, details: dict[str, Any] | None = None, *, retry_after: int = 5) -> OCRError:
+    """The error a stored `{code, message, details}` describes, with its HTTP status (an unknown code: 500).
+
+    Wire and stored types carry no exceptions; this turns a page's recorded error back into the one to raise.
+    """
+    cls = error_classes().get(code, OCRError)
+    error = cls.__new__(cls)
+    OCRError.__init__(error, message, **(details or {}))
+    if isinstance(error, Retryable):
+        error.retry_after = retry_after
+    return error

@@ -5,9 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
-
-from app.errors import OCRError
+from pydantic import BaseModel, ConfigDict, Field
 
 FinishReason = Literal["stop", "length"]
 PageStatus = Literal["ok", "retried", "truncated", "repetitive", "failed"]
@@ -61,6 +59,10 @@ class Block(BaseModel):
 class PageError(BaseModel):
     code: str = Field(description="Stable error code, as in the error table.", examples=["engine_timeout"])
     message: str = Field(description="What went wrong, for people.")
+    details: dict[str, Any] | None = Field(
+        default=None,
+        description="Machine-readable facts about the error, as in the error shape (e.g. `upstream_status`).",
+    )
 
 
 class PageResult(BaseModel):
@@ -79,25 +81,18 @@ class PageResult(BaseModel):
     )
     attempts: int = Field(description="Generations run for this page (1 + retries).")
     error: PageError | None = Field(default=None, description="Why the page failed.")
-    # The failure itself, kept in process so a wholly failed document re-raises its real error.
-    _exception: OCRError | None = PrivateAttr(default=None)
-    _blocks: list[Block] | None = PrivateAttr(default=None)
 
-    def blocks(self) -> list[Block]:
-        """The page's markdown as typed blocks, parsed once."""
-        if self._blocks is None:
-            from app.blocks import parse_blocks  # blocks imports this module
 
-            self._blocks = parse_blocks(self.text, self.page)
-        return self._blocks
+@dataclass(frozen=True, slots=True)
+class FinishedPage:
+    """A page as the core passes it on: its result and its blocks, parsed once off the event loop when it ended."""
+
+    result: PageResult
+    blocks: list[Block]
 
     @property
-    def exception(self) -> OCRError | None:
-        return self._exception
-
-    @exception.setter
-    def exception(self, value: OCRError | None) -> None:
-        self._exception = value
+    def page(self) -> int:
+        return self.result.page
 
 
 class DocumentResult(BaseModel):

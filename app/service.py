@@ -20,6 +20,7 @@ from functools import partial
 import anyio
 
 from app.admission import Admission, FairScheduler, Ticket
+from app.blocks import parse_blocks
 from app.engines import Engine, Sampling, build_engine
 from app.errors import (
     DocumentFailed,
@@ -29,12 +30,14 @@ from app.errors import (
     RequestTimeout,
     ServiceUnavailable,
     TooManyPages,
+    rebuild_error,
 )
+from app.events import ErrorEvent, ErrorInfo, Event, PageEvent, ProgressEvent, ResultEvent, StartEvent
 from app.intake import Document, IntakeLimits, open_document, parse_page_selection
 from app.metrics import Metrics
 from app.postprocess import repair_escaped_dollars
 from app.quality import is_repetitive
-from app.results import DocumentResult, Generation, PageError, PageResult, PageStatus
+from app.results import DocumentResult, FinishedPage, Generation, PageError, PageResult, PageStatus
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -44,16 +47,21 @@ ANONYMOUS = "anonymous"
 
 
 @dataclass
-class Job:
-    """A document admitted for recognition: opened, pages selected, capacity reserved."""
+class AdmittedDocument:
+    """A document admitted for recognition: opened, pages selected, capacity reserved (not a durable job)."""
 
     document: Document
-    pages: list[int]  # 0-based indices, in document order
+    indices: list[int]  # 0-based page indices, in document order
     ticket: Ticket
 
     @property
     def total(self) -> int:
-        return len(self.pages)
+        return len(self.indices)
+
+    @property
+    def numbers(self) -> list[int]:
+        """The selected pages, 1-based, as every face shows them."""
+        return [index + 1 for index in self.indices]
 
 
 class OCRService:
@@ -143,7 +151,7 @@ class OCRService:
         password: str | None = None,
         client: str = ANONYMOUS,
         charge_rate: bool = True,
-    ) -> AsyncIterator[Job]:
+    ) -> AsyncIterator[AdmittedDocument]:
         """Open, select and reserve capacity, or refuse at once; always releases both.
 
         `charge_rate=False` is for work already charged to the client's rate (a job, at submit time).
@@ -154,56 +162,132 @@ class OCRService:
             indices = self.select_pages(document, pages)
             ticket = self.admission.admit(client, len(indices), charge_rate=charge_rate)
             try:
-                yield Job(document=document, pages=indices, ticket=ticket)
+                yield AdmittedDocument(document=document, indices=indices, ticket=ticket)
             finally:
                 ticket.close()
         finally:
             await anyio.to_thread.run_sync(document.close)
 
-    # -- recognition ---------------------------------------------------------------------
+    async def check_admission(
+        self, data: bytes, *, pages: str | None = None, password: str | None = None, client: str = ANONYMOUS
+    ) -> list[int]:
+        """Admit-only, for a job's submit: refuse now what would be refused, charge the rate, reserve nothing.
+
+        Answers the selected page numbers (1-based). The engine need not be ready: the job waits for it.
+        """
+        document = await self.open(data, password=password)
+        try:
+            indices = self.select_pages(document, pages)
+        finally:
+            await anyio.to_thread.run_sync(document.close)
+        self.admission.admit(client, len(indices)).close()
+        return [index + 1 for index in indices]
+
+    # -- recognition: one call per intent -----------------------------------------------
 
     async def recognize(
         self, data: bytes, *, pages: str | None = None, password: str | None = None, client: str = ANONYMOUS
     ) -> DocumentResult:
-        async with self.admit(data, pages=pages, password=password, client=client) as job:
-            done: list[PageResult] = []
-            try:
-                async with asyncio.timeout(self.settings.request_timeout_s):
-                    async for page in self.iter_pages(job):
-                        done.append(page)
-            except TimeoutError:
-                raise RequestTimeout(
-                    f"the document was not finished within {self.settings.request_timeout_s:g}s "
-                    f"(REQUEST_TIMEOUT_S): {len(done)} of {job.total} pages done",
-                    pages_done=len(done),
-                    pages_total=job.total,
-                ) from None
-        return self.assemble(done)
+        """Admit and run a document to its result (the JSON API)."""
+        async with self.admit(data, pages=pages, password=password, client=client) as admitted:
+            return await self.run(admitted)
+
+    async def run(
+        self,
+        admitted: AdmittedDocument,
+        *,
+        on_page: Callable[[FinishedPage], None] | None = None,
+        request_timeout: bool = True,
+    ) -> DocumentResult:
+        """Run an admitted document to its result; `on_page` sees each page as it finishes (progress bars)."""
+        done: list[FinishedPage] = []
+        async with contextlib.aclosing(self._pages(admitted, request_timeout)) as pages:
+            async for page in pages:
+                done.append(page)
+                if on_page is not None:
+                    on_page(page)
+        return await anyio.to_thread.run_sync(self.assemble, done)
+
+    async def events(self, admitted: AdmittedDocument, *, request_timeout: bool = True) -> AsyncGenerator[Event, None]:
+        """Run an admitted document as events (`app/events.py`); failures end it with an `error` event.
+
+        Closing the generator cancels the pages not yet done.
+        """
+        yield StartEvent(total=admitted.total, pages=admitted.numbers)
+        done: list[FinishedPage] = []
+        try:
+            async with contextlib.aclosing(self._pages(admitted, request_timeout)) as pages:
+                async for page in pages:
+                    done.append(page)
+                    yield PageEvent(page=page.result)
+                    yield ProgressEvent(done=len(done), total=admitted.total)
+            result = await anyio.to_thread.run_sync(self.assemble, done)
+        except OCRError as exc:
+            yield ErrorEvent(error=ErrorInfo.of(exc))
+            return
+        yield ResultEvent(result=result)
+
+    async def _pages(self, admitted: AdmittedDocument, request_timeout: bool) -> AsyncGenerator[FinishedPage, None]:
+        """Pages as they finish, within REQUEST_TIMEOUT_S, with the engine-outage rule applied.
+
+        The rule: when the engine becomes unavailable mid-document, the pages that finished are kept and every
+        other page fails with the engine's error, so `assemble` answers `partial` (or fails whole by
+        MAX_FAILED_PAGE_RATIO, with the engine's own error when no page finished). Jobs do not use this: they
+        wait for the engine and resume.
+        """
+        timeout = self.settings.request_timeout_s
+        deadline = asyncio.get_running_loop().time() + timeout if request_timeout else None
+        finished: set[int] = set()
+        pages = self.iter_pages(admitted)
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        page = await anext(pages)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise RequestTimeout(
+                        f"the document was not finished within {timeout:g}s (REQUEST_TIMEOUT_S): "
+                        f"{len(finished)} of {admitted.total} pages done",
+                        pages_done=len(finished),
+                        pages_total=admitted.total,
+                    ) from None
+                except ServiceUnavailable as exc:
+                    left = [number for number in admitted.numbers if number not in finished]
+                    log.warning("engine unavailable mid-document: %d page(s) failed with %s", len(left), exc.code)
+                    for number in left:
+                        yield FinishedPage(_failed_page(number, exc, time.perf_counter(), attempts=0, quiet=True), [])
+                    return
+                finished.add(page.page)
+                yield page
+        finally:
+            await pages.aclose()
 
     async def iter_pages(
-        self, job: Job, *, skip: frozenset[int] = frozenset(), on_start: Callable[[int], None] | None = None
-    ) -> AsyncGenerator[PageResult, None]:
+        self, admitted: AdmittedDocument, *, skip: frozenset[int] = frozenset()
+    ) -> AsyncGenerator[FinishedPage, None]:
         """Yield pages as they finish (any order). Closing the iterator cancels pages not yet done.
 
         Pages are rendered only once they hold an engine slot, so memory is bounded
         by the scheduler's slots, not by the document's length. A failed page is
-        yielded with status `failed`; an unavailable engine aborts the document.
+        yielded with status `failed`; an unavailable engine raises (`ServiceUnavailable`):
+        the faces apply the outage rule (`_pages`), the job runner waits and resumes.
+        `skip`: page numbers already done (a resumed job).
         """
-        results: asyncio.Queue[PageResult | BaseException] = asyncio.Queue()
-        todo = [index for index in job.pages if index + 1 not in skip]
+        results: asyncio.Queue[FinishedPage | BaseException] = asyncio.Queue()
+        todo = [index for index in admitted.indices if index + 1 not in skip]
 
         async def one(index: int) -> None:
             try:
-                async with self.scheduler.slot(job.ticket.client):
-                    if on_start is not None:
-                        on_start(index + 1)
-                    result = await self.recognize_page(job.document, index)
+                async with self.scheduler.slot(admitted.ticket.client):
+                    page = await self.recognize_page(admitted.document, index)
             except BaseException as exc:  # handed to the consumer, which decides
                 results.put_nowait(exc)
                 raise
-            job.ticket.release()
-            self.metrics.observe_page(result)
-            results.put_nowait(result)
+            admitted.ticket.release()
+            self.metrics.observe_page(page.result)
+            results.put_nowait(page)
 
         tasks = [asyncio.create_task(one(index), name=f"page-{index + 1}") for index in todo]
         try:
@@ -217,14 +301,14 @@ class OCRService:
                 task.cancel()
             await _settle(tasks)
 
-    async def recognize_page(self, document: Document, index: int) -> PageResult:
+    async def recognize_page(self, document: Document, index: int) -> FinishedPage:
         """Render, then generate with the temperature ladder until a clean attempt."""
         started = time.perf_counter()
         number = index + 1
         try:
             image = await anyio.to_thread.run_sync(document.render, index)
         except OCRError as exc:
-            return _failed_page(number, exc, started, attempts=0)
+            return FinishedPage(_failed_page(number, exc, started, attempts=0), [])
         width, height = image.size
         temperatures = [self.settings.temperature, *self.settings.retry_temperatures]
         best: tuple[int, Generation] | None = None
@@ -238,7 +322,7 @@ class OCRService:
                 raise
             except OCRError as exc:
                 if best is None:
-                    return _failed_page(number, exc, started, attempts, width, height)
+                    return FinishedPage(_failed_page(number, exc, started, attempts, width, height), [])
                 break
             generation = dataclasses.replace(generation, text=repair_escaped_dollars(generation.text))
             rank = _rank(generation)
@@ -264,23 +348,43 @@ class OCRService:
             status=status,
             attempts=attempts,
         )
-        # Parse blocks now, off the event loop, instead of all at once when the document ends.
-        await anyio.to_thread.run_sync(result.blocks)
-        return result
+        # Blocks are parsed once, now, off the event loop; they travel (and are stored) with the page.
+        blocks = await anyio.to_thread.run_sync(parse_blocks, result.text, number)
+        return FinishedPage(result, blocks)
 
-    def assemble(self, pages: list[PageResult]) -> DocumentResult:
-        """Order pages, apply MAX_FAILED_PAGE_RATIO, and build the document's text and blocks."""
-        pages = sorted(pages, key=lambda page: page.page)
+    def assemble(self, finished: list[FinishedPage]) -> DocumentResult:
+        """Order pages, apply MAX_FAILED_PAGE_RATIO, and build the document's text and blocks.
+
+        Pure and quick (no parsing): callers on the event loop with long documents run it in a thread.
+        """
+        finished = sorted(finished, key=lambda page: page.page)
+        pages = [page.result for page in finished]
         failed = [page for page in pages if page.status == "failed"]
         if failed and len(failed) / len(pages) > self.settings.max_failed_page_ratio:
-            raise _document_failure(failed, len(pages), self.settings.max_failed_page_ratio)
+            raise self._document_failure(failed, len(pages))
         return DocumentResult(
             status="ok" if all(page.status in ("ok", "retried") for page in pages) else "partial",
             text=PAGE_SEPARATOR.join(page.text for page in pages if page.status != "failed"),
-            blocks=[block for page in pages for block in page.blocks()],
+            blocks=[block for page in finished for block in page.blocks],
             model_version=self.settings.model_version,
             pages=pages,
             failed_pages=[page.page for page in failed],
+        )
+
+    def _document_failure(self, failed: list[PageResult], total: int) -> OCRError:
+        """Every page failed the same way (say, one corrupt image): that error. Otherwise `document_failed`.
+
+        Decided from the pages' recorded errors, so a job's stored pages give the same answer as a request's.
+        """
+        errors = [page.error for page in failed if page.error is not None]
+        if len(failed) == total and len(errors) == total and len({error.code for error in errors}) == 1:
+            first = errors[0]
+            return rebuild_error(first.code, first.message, first.details, retry_after=self.settings.retry_after_s)
+        ratio = self.settings.max_failed_page_ratio
+        return DocumentFailed(
+            f"{len(failed)} of {total} pages failed (more than MAX_FAILED_PAGE_RATIO={ratio:g})",
+            failed_pages=[page.page for page in failed],
+            errors=sorted({error.code for error in errors}),
         )
 
 
@@ -317,10 +421,18 @@ def _rank(generation: Generation) -> int:
 
 
 def _failed_page(
-    number: int, exc: OCRError, started: float, attempts: int, width: int | None = None, height: int | None = None
+    number: int,
+    exc: OCRError,
+    started: float,
+    attempts: int,
+    width: int | None = None,
+    height: int | None = None,
+    *,
+    quiet: bool = False,
 ) -> PageResult:
-    log.warning("page %d failed: %s %s", number, exc.code, exc.message)
-    result = PageResult(
+    if not quiet:
+        log.warning("page %d failed: %s %s", number, exc.code, exc.message)
+    return PageResult(
         page=number,
         text="",
         width=width,
@@ -330,19 +442,5 @@ def _failed_page(
         seconds=round(time.perf_counter() - started, 4),
         status="failed",
         attempts=attempts,
-        error=PageError(code=exc.code, message=exc.message),
-    )
-    result.exception = exc
-    return result
-
-
-def _document_failure(failed: list[PageResult], total: int, ratio: float) -> OCRError:
-    """Every page failed the same way (say, one corrupt image): that error. Otherwise `document_failed`."""
-    errors = [page.exception for page in failed if page.exception is not None]
-    if len(failed) == total and errors and len({type(error) for error in errors}) == 1:
-        return errors[0]
-    return DocumentFailed(
-        f"{len(failed)} of {total} pages failed (more than MAX_FAILED_PAGE_RATIO={ratio:g})",
-        failed_pages=[page.page for page in failed],
-        errors=sorted({page.error.code for page in failed if page.error is not None}),
+        error=PageError(code=exc.code, message=exc.message, details=exc.details or None),
     )

@@ -1,60 +1,69 @@
-"""A document's recognition as a stream of events, for callers that want pages as they finish.
+"""Events on the wire: NDJSON lines or server-sent events, with a heartbeat while nothing else is sent.
 
-Events (dicts, JSON-ready), in this order:
-- `{"event": "start", "total": N, "pages": [1, 2, ...]}`
-- per finished page, in completion order (not page order):
-  `{"event": "page", "page": {PageResult}}` then `{"event": "progress", "done": d, "total": N}`
-- last, either `{"event": "result", "result": {DocumentResult}}`
-  or `{"event": "error", "error": {"code", "message", "details"?}}` (same shape as the JSON API).
+The events themselves (their order and models) are in `app/events.py`; the service produces them
+(`OCRService.events`). A proxy with an idle timeout (nginx: 60 s) would cut a stream that is quiet while
+a long page runs, so `with_heartbeat` sends a `ping` every HEARTBEAT_S of silence: an SSE comment line
+(`: ping`, ignored by EventSource) or an NDJSON `{"event": "ping"}` line.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 from collections.abc import AsyncGenerator
-from typing import Any
 
-from app.errors import OCRError, RequestTimeout
-from app.results import PageResult
-from app.service import Job, OCRService
+from app.events import Event, PingEvent
 
-Event = dict[str, Any]
-
-
-async def document_events(service: OCRService, job: Job) -> AsyncGenerator[Event, None]:
-    yield {"event": "start", "total": job.total, "pages": [index + 1 for index in job.pages]}
-    done: list[PageResult] = []
-    timeout = service.settings.request_timeout_s
-    try:
-        async with asyncio.timeout(timeout):
-            pages = service.iter_pages(job)
-            try:
-                async for page in pages:
-                    done.append(page)
-                    yield {"event": "page", "page": page.model_dump(mode="json")}
-                    yield {"event": "progress", "done": len(done), "total": job.total}
-            finally:
-                await pages.aclose()
-        result = service.assemble(done)
-    except TimeoutError:
-        error: OCRError = RequestTimeout(
-            f"the document was not finished within {timeout:g}s (REQUEST_TIMEOUT_S): "
-            f"{len(done)} of {job.total} pages done",
-            pages_done=len(done),
-            pages_total=job.total,
-        )
-        yield {"event": "error", "error": error.to_dict()}
-        return
-    except OCRError as exc:
-        yield {"event": "error", "error": exc.to_dict()}
-        return
-    yield {"event": "result", "result": result.model_dump(mode="json")}
+HEARTBEAT_S = 15.0  # seconds of silence before a stream sends a `ping`
 
 
 def ndjson(event: Event) -> bytes:
-    return json.dumps(event, ensure_ascii=False).encode() + b"\n"
+    return event.model_dump_json().encode() + b"\n"
 
 
 def server_sent(event: Event) -> bytes:
-    return f"event: {event['event']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
+    if isinstance(event, PingEvent):
+        return b": ping\n\n"
+    return f"event: {event.event}\ndata: {event.model_dump_json()}\n\n".encode()
+
+
+async def with_heartbeat(
+    events: AsyncGenerator[Event, None], interval: float | None = None
+) -> AsyncGenerator[Event, None]:
+    """`events`, plus a `PingEvent` after every `interval` seconds (default HEARTBEAT_S) without one.
+
+    `events` runs in a task of its own, always the same one (its deadlines and clean-up stay in one task);
+    closing this generator cancels that task and waits for `events` to finish closing (pages cancelled).
+    """
+    every = HEARTBEAT_S if interval is None else interval
+    queue: asyncio.Queue[Event | Exception | None] = asyncio.Queue(maxsize=1)  # None: the end
+
+    async def produce() -> None:
+        try:
+            async for event in events:
+                await queue.put(event)
+        except Exception as exc:  # handed to the consumer
+            await queue.put(exc)
+            return
+        finally:
+            await events.aclose()
+        await queue.put(None)
+
+    producer = asyncio.create_task(produce(), name="event-stream")
+    try:
+        while True:
+            try:
+                async with asyncio.timeout(every):
+                    item = await queue.get()
+            except TimeoutError:
+                yield PingEvent()
+                continue
+            if item is None:
+                return
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        producer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait({producer})

@@ -23,9 +23,10 @@ from starlette.routing import Route
 from typer.testing import CliRunner, Result
 
 from app import __version__
-from app.cli import cli, markdown_to_text
+from app.cli import cli
 from app.results import DocumentResult, PageResult
 from app.settings import get_settings
+from app.text import markdown_to_text
 from tests.conftest import ServiceFactory
 from tests.support.documents import make_pdf, make_png, page_id_of
 from tests.support.openai_stub import Reply, StubRequest, StubVLLM, default_responder

@@ -82,6 +82,7 @@ WHEN: dict[str, str] = {
     "job_conflict": "the job is not in a state that allows the request",
     "job_not_finished": "the job has no result yet",
     "job_failed": "the job failed; its error says why",
+    "job_cancelled": "the job was cancelled: it has no result (its finished pages are in `GET /api/jobs/{id}`)",
     "jobs_storage_full": "job storage is full until older jobs expire",
 }
 # The code shown as each status's example in /docs.

@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from app.api.errors import error_responses
 from app.api.routes import Service, read_document, upload_schema
 from app.api.security import client_id
-from app.errors import InvalidPages, JobFailed, JobNotFinished, JobNotFound, OCRError
+from app.errors import InvalidPages, JobCancelled, JobFailed, JobNotFinished, JobNotFound, OCRError
 from app.imaging import page_png
 from app.jobs import JobDetail, JobRecord, JobRunner, JobSummary, NewJob, summarize, validate_callback_url
 from app.results import DocumentResult
@@ -83,16 +83,11 @@ async def submit(request: Request, service: Service, runner: Runner) -> JSONResp
     pages = upload.fields.get("pages")
     password = upload.fields.get("password") or None
     client = client_id(request)
-    document = await service.open(upload.data, password=password)
-    try:
-        indices = service.select_pages(document, pages)
-    finally:
-        await anyio.to_thread.run_sync(document.close)
     # Admission limits apply here, where the caller can be told; the runner waits instead.
-    service.admission.admit(client, len(indices)).close()
+    numbers = await service.check_admission(upload.data, pages=pages, password=password, client=client)
     new = NewJob(
         owner=client,
-        pages=[index + 1 for index in indices],
+        pages=numbers,
         pages_spec=pages,
         password=password,
         callback_url=callback_url,
@@ -130,15 +125,16 @@ async def get_job(request: Request, runner: Runner, job_id: str) -> JobDetail:
     record = await _job(request, runner, job_id)
     pages = await runner.store.pages(record.id)
     summary = summarize(record, runner.clock())
-    return JobDetail(**summary.model_dump(), pages=pages)
+    return JobDetail(**summary.model_dump(), pages=[page.result for page in pages])
 
 
 @router.get(
     "/{job_id}/result",
     summary="A finished job's document: JSON, markdown or plain text",
     description="`format=json` (default): the DocumentResult, as /api/inference answers. `md`: its markdown. "
-    "`txt`: the markdown rendered and reduced to plain text (tags dropped, table cells tab-separated, math kept "
-    "as written). A cancelled job's result holds the pages finished before the cancel.",
+    "`txt`: the markdown rendered and reduced to plain text (tags dropped, list markers kept, table cells "
+    "tab-separated, math kept as written). A cancelled job has no result (409 `job_cancelled`): its finished pages "
+    "are in GET /api/jobs/{id}.",
     responses={
         **error_responses(401, 404, 409),
         200: {"model": DocumentResult, "content": {"text/markdown": {}, "text/plain": {}}},
@@ -161,15 +157,24 @@ async def get_result(
         )
     if record.status == "failed":
         raise JobFailed(f"job {job_id} failed; see `details.error`", error=record.error)
+    if record.status == "cancelled":
+        raise JobCancelled(
+            f"job {job_id} was cancelled after {record.pages_done} of {record.pages_total} pages; "
+            f"GET /api/jobs/{job_id} lists the pages it finished",
+            pages_done=record.pages_done,
+            pages_total=record.pages_total,
+        )
+    # Assembled and encoded off the event loop: a long job's result is megabytes of JSON.
     try:
-        result = service.assemble(await runner.store.pages(record.id))
-    except OCRError as exc:  # a cancelled job whose few finished pages mostly failed
+        result = await anyio.to_thread.run_sync(service.assemble, await runner.store.pages(record.id))
+    except OCRError as exc:  # settings changed since it finished (say, a lower MAX_FAILED_PAGE_RATIO)
         raise JobFailed(f"job {job_id} has no usable result: {exc.message}", error=exc.to_dict()) from None
     if fmt == "md":
         return PlainTextResponse(result.text, media_type="text/markdown; charset=utf-8")
     if fmt == "txt":
-        return PlainTextResponse(markdown_to_text(result.text))
-    return JSONResponse(result.model_dump(mode="json"))
+        return PlainTextResponse(await anyio.to_thread.run_sync(markdown_to_text, result.text))
+    body = await anyio.to_thread.run_sync(result.model_dump_json)
+    return Response(body, media_type="application/json")
 
 
 @router.get(

@@ -18,10 +18,12 @@ from app.api.errors import error_responses, shutting_down
 from app.api.security import client_id
 from app.api.upload import Upload, read_upload
 from app.errors import ClientDisconnected, ServiceUnavailable
+from app.events import ErrorEvent, ErrorInfo, Event
 from app.intake import DocType
+from app.jobs import JobRunner
 from app.results import DocumentResult
 from app.service import OCRService
-from app.streaming import Event, document_events, ndjson, server_sent
+from app.streaming import ndjson, server_sent, with_heartbeat
 
 API_VERSION = "1.0"
 
@@ -67,7 +69,8 @@ _STREAM_DOC = (
     "Send `Accept: application/x-ndjson` (one JSON object per line) or `Accept: text/event-stream` (SSE) to get "
     "events as pages finish instead of one JSON body: `start` {total, pages}, then per finished page (completion "
     "order) `page` {page} and `progress` {done, total}, and last `result` {result: DocumentResult} or `error` "
-    "{error: {code, message}}. Limits are checked before the stream starts, so a refused document still gets its "
+    "{error: {code, message}}; a `ping` (SSE: a `: ping` comment) after 15 s without another event keeps proxies "
+    "from closing a quiet stream. Limits are checked before the stream starts, so a refused document still gets its "
     "4xx status."
 )
 
@@ -102,11 +105,11 @@ async def inference(request: Request, service: Service) -> Response:
     resources = contextlib.AsyncExitStack()
     async with contextlib.AsyncExitStack() as on_error:
         on_error.push_async_callback(resources.aclose)
-        job = await resources.enter_async_context(
+        admitted = await resources.enter_async_context(
             service.admit(upload.data, pages=pages, password=password, client=client)
         )
         on_error.pop_all()
-    events = document_events(service, job)
+    events = with_heartbeat(service.events(admitted))
     return EventStream(events, encode, media_type=media_type, on_close=resources.aclose)
 
 
@@ -162,7 +165,7 @@ class EventStream(StreamingResponse):
             if task is not None:
                 task.uncancel()
             log.warning("stream %s cut by the server's shutdown (past its grace period)", scope["path"])
-            event = {"event": "error", "error": shutting_down(scope).to_dict()}
+            event = ErrorEvent(error=ErrorInfo.of(shutting_down(scope)))
             await send({"type": "http.response.body", "body": self._encode(event), "more_body": False})
         finally:
             await self._events.aclose()  # cancels pages not started
@@ -293,9 +296,13 @@ async def health() -> Status:
     response_model=Status,
     summary="Readiness: the engine can serve pages now",
     description="200 when a page sent now would be served; 503 with `Retry-After` while the model loads, when it "
-    "failed to load, or when vLLM is unreachable or serves another model. Never needs a key.",
+    "failed to load, when vLLM is unreachable or serves another model, or when the job runner stopped. Never needs "
+    "a key.",
     responses=error_responses(503),
 )
-async def ready(service: Service) -> Status | JSONResponse:
+async def ready(request: Request, service: Service) -> Status | JSONResponse:
     await service.check_ready()
+    jobs: JobRunner | None = getattr(request.app.state, "jobs", None)
+    if jobs is not None:
+        jobs.check_alive()
     return Status()

@@ -26,7 +26,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from app.errors import OCRError, Retryable
+import anyio
+
+from app.errors import OCRError, Retryable, ServiceUnavailable
 from app.jobs.store import JobRecord, JobStatus, JobStore, SqliteJobStore, summarize
 from app.jobs.webhooks import WebhookSender
 from app.logs import request_id
@@ -62,6 +64,8 @@ class JobRunner:
         self._deliveries: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
         self._worker = False
+        self._stopping = False
+        self._dead: str | None = None  # why a background loop ended, once one has
 
     @classmethod
     def from_settings(cls, settings: Settings, service: OCRService) -> JobRunner:
@@ -85,9 +89,30 @@ class JobRunner:
             asyncio.create_task(self._loop(), name="jobs-loop"),
             asyncio.create_task(self._sweep_loop(), name="jobs-sweep"),
         ]
+        for task in self._background:
+            task.add_done_callback(self._supervise)
+
+    def _supervise(self, task: asyncio.Task[None]) -> None:
+        """The loops never end on their own: one that did is a bug, and jobs stop moving. Say so (/ready, log)."""
+        if self._stopping:
+            return
+        if task.cancelled():
+            why = "it was cancelled"
+        elif (exc := task.exception()) is not None:
+            why = f"{type(exc).__name__}: {exc}"
+        else:
+            why = "it returned"
+        self._dead = f"the job runner's {task.get_name()} loop stopped ({why}); restart the service"
+        log.error("%s", self._dead, exc_info=None if task.cancelled() else task.exception())
+
+    def check_alive(self) -> None:
+        """Raise `ServiceUnavailable` once a background loop has died (readiness)."""
+        if self._dead is not None:
+            raise ServiceUnavailable(self._dead, retry_after=self.service.settings.retry_after_s)
 
     async def stop(self) -> None:
         """Stop without touching job states: running jobs resume in the next process."""
+        self._stopping = True
         tasks = [*self._background, *self._running.values(), *self._deliveries]
         for task in tasks:
             task.cancel()
@@ -187,7 +212,7 @@ class JobRunner:
                 await self._finish(record.id, "failed", exc.to_dict())
                 return
         try:
-            result = self.service.assemble(await self.store.pages(record.id))
+            result = await anyio.to_thread.run_sync(self.service.assemble, await self.store.pages(record.id))
         except OCRError as exc:
             await self._finish(record.id, "failed", exc.to_dict())
             return
@@ -201,11 +226,11 @@ class JobRunner:
         request_id.set(f"job:{record.id}")
         async with service.admit(
             data, pages=record.pages_spec, password=record.password, client=record.owner, charge_rate=False
-        ) as job:
+        ) as admitted:
             if not await self.store.mark_running(record.id):
                 return False
-            job.ticket.release(sum(1 for index in job.pages if index + 1 in done))
-            pages = service.iter_pages(job, skip=done)
+            admitted.ticket.release(sum(1 for number in admitted.numbers if number in done))
+            pages = service.iter_pages(admitted, skip=done)
             try:
                 async for page in pages:
                     if not await self.store.add_page(record.id, page):

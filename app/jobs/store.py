@@ -32,8 +32,9 @@ from typing import Any, Literal, Protocol, TypeVar
 import anyio
 from pydantic import BaseModel, Field
 
+from app.blocks import parse_blocks
 from app.errors import JobsStorageFull
-from app.results import PageResult
+from app.results import Block, FinishedPage, PageResult
 
 JobStatus = Literal["queued", "running", "succeeded", "partial", "failed", "cancelled"]
 WebhookState = Literal["pending", "delivered", "failed"]
@@ -163,9 +164,11 @@ class JobStore(Protocol):
 
     async def document(self, job_id: str) -> bytes | None: ...
 
-    async def pages(self, job_id: str) -> list[PageResult]: ...
+    async def pages(self, job_id: str) -> list[FinishedPage]:
+        """The finished pages, in page order, each with its blocks as stored (never parsed on the event loop)."""
+        ...
 
-    async def add_page(self, job_id: str, page: PageResult) -> bool:
+    async def add_page(self, job_id: str, page: FinishedPage) -> bool:
         """Store a finished page; False when the job is no longer running (cancelled elsewhere: stop)."""
         ...
 
@@ -382,10 +385,10 @@ class SqliteJobStore:
 
         return await self._run(query, default=None)
 
-    async def pages(self, job_id: str) -> list[PageResult]:
-        def query(db: sqlite3.Connection) -> list[PageResult]:
+    async def pages(self, job_id: str) -> list[FinishedPage]:
+        def query(db: sqlite3.Connection) -> list[FinishedPage]:
             rows = db.execute("SELECT result FROM pages WHERE job_id = ? ORDER BY page", (job_id,))
-            return [PageResult.model_validate_json(row["result"]) for row in rows]
+            return [_load_page(row["result"]) for row in rows]
 
         return await self._run(query, default=[])
 
@@ -442,15 +445,15 @@ class SqliteJobStore:
 
         return await self._run_creating(insert)
 
-    async def add_page(self, job_id: str, page: PageResult) -> bool:
-        payload = page.model_dump_json()
+    async def add_page(self, job_id: str, page: FinishedPage) -> bool:
+        payload = _dump_page(page)
 
         def insert(db: sqlite3.Connection) -> bool:
             now = self.clock()
             cursor = db.execute(
                 "INSERT OR IGNORE INTO pages (job_id, page, result, finished_at) "
                 "SELECT id, ?, ?, ? FROM jobs WHERE id = ?",
-                (page.page, payload, now, job_id),
+                (page.result.page, payload, now, job_id),
             )
             if cursor.rowcount:
                 db.execute(
@@ -531,6 +534,23 @@ class SqliteJobStore:
         with self._lock:
             if self._db is not None:
                 self._db.execute("PRAGMA incremental_vacuum")
+
+
+def _dump_page(page: FinishedPage) -> str:
+    """The page's result as its JSON, plus its blocks under `blocks` (parsed once, when the page ended)."""
+    body = page.result.model_dump(mode="json")
+    body["blocks"] = [block.model_dump(mode="json") for block in page.blocks]
+    return json.dumps(body, ensure_ascii=False)
+
+
+def _load_page(payload: str) -> FinishedPage:
+    """A stored page; one stored before blocks were kept has them parsed here (in the store's worker thread)."""
+    body = json.loads(payload)
+    stored = body.pop("blocks", None)
+    result = PageResult.model_validate(body)
+    if stored is None:
+        return FinishedPage(result, parse_blocks(result.text, result.page))
+    return FinishedPage(result, [Block.model_validate(block) for block in stored])
 
 
 def _transaction(db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from typing import Any
 
 import httpx
+import pytest
 
+from app import streaming
 from tests.conftest import ServiceFactory
 from tests.support.documents import make_pdf, page_id_of
 from tests.support.openai_stub import Reply, StubRequest, StubVLLM
@@ -107,3 +110,35 @@ def test_error_midway_is_an_event(stub: StubVLLM, vllm_service: ServiceFactory) 
     assert events[-1]["event"] == "error"
     assert events[-1]["error"]["code"] in {"engine_error", "document_failed"}
     assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_quiet_streams_send_heartbeats(
+    stub: StubVLLM, vllm_service: ServiceFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a page runs, NDJSON gets `{"event": "ping"}` lines and SSE `: ping` comments; the page waits for them."""
+    monkeypatch.setattr(streaming, "HEARTBEAT_S", 0.02)
+    release = threading.Event()
+
+    async def responder(request: StubRequest) -> Reply:
+        await asyncio.to_thread(release.wait, 20)
+        return Reply(text="done")
+
+    stub.responder = responder
+    url = vllm_service()
+    pdf = make_pdf(1, (200, 260))
+    for accept, ping in (("application/x-ndjson", '{"event":"ping"}'), ("text/event-stream", ": ping")):
+        release.clear()
+        headers = {"Accept": accept}
+        with httpx.stream(
+            "POST", f"{url}/api/inference", files={"file": ("a.pdf", pdf)}, headers=headers, timeout=30
+        ) as response:
+            lines = response.iter_lines()
+            seen: list[str] = []
+            for line in lines:
+                seen.append(line)
+                if line == ping:
+                    break
+            assert ping in seen, seen
+            release.set()  # the page ends only once a heartbeat was seen
+            rest = [line for line in lines if line and line != ping]
+        assert '"event":"result"' in rest[-1].replace(" ", ""), rest

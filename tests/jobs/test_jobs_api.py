@@ -127,8 +127,17 @@ def test_partial_then_failed(stub: StubVLLM, jobs_service: Callable[..., str]) -
     failing.update({1, 3})
     failed = wait_status(url, submit(url, make_pdf(3, SMALL)).json()["id"], "partial", "succeeded", "failed")
     assert failed["status"] == "failed"
-    assert failed["error"]["code"] == "document_failed"
-    assert failed["error"]["details"]["failed_pages"] == [1, 2, 3]
+    # Every page failed the same way: the job ends with the pages' own error, as /api/inference answers.
+    inference = httpx.post(f"{url}/api/inference", files={"file": ("a.pdf", make_pdf(3, SMALL))}, timeout=30)
+    assert inference.status_code == 502
+    assert failed["error"]["code"] == inference.json()["error"]["code"] == "engine_error"
+    assert failed["error"]["details"] == inference.json()["error"]["details"]
+    assert failed["error"]["details"]["upstream_status"] == 400
+
+    failing.remove(3)
+    mixed = wait_status(url, submit(url, make_pdf(3, SMALL)).json()["id"], "partial", "succeeded", "failed")
+    assert mixed["error"]["code"] == "document_failed"
+    assert mixed["error"]["details"]["failed_pages"] == [1, 2]
     refused = httpx.get(f"{url}/api/jobs/{failed['id']}/result")
     assert refused.status_code == 409
     assert refused.json()["error"]["code"] == "job_failed"
@@ -163,13 +172,29 @@ def test_cancel_keeps_finished_pages_and_never_sends_the_rest(
     assert job["status"] == "cancelled"
     assert job["pages_done"] == 1
     assert job["pages"][0]["text"] == "first"
-    result = httpx.get(f"{url}/api/jobs/{job_id}/result", params={"format": "md"})
-    assert result.status_code == 200
-    assert result.text == "first"
+    for fmt in ("json", "md", "txt"):  # a cancelled job has no result, whatever pages it finished
+        result = httpx.get(f"{url}/api/jobs/{job_id}/result", params={"format": fmt})
+        assert result.status_code == 409
+        assert result.json()["error"]["code"] == "job_cancelled"
+        assert result.json()["error"]["details"] == {"pages_done": 1, "pages_total": 6}
     again = httpx.delete(f"{url}/api/jobs/{job_id}")  # idempotent
     assert again.status_code == 200
     assert again.json()["status"] == "cancelled"
     assert len(stub.requests) == 3
+
+
+def test_a_job_cancelled_before_any_page_has_no_result(
+    stub: StubVLLM, jobs_service: Callable[..., str], gates: Gates
+) -> None:
+    stub.responder = holding(gates)
+    url = jobs_service()
+    job_id = submit(url, make_pdf(3, SMALL)).json()["id"]
+    stub.wait_until(lambda s: s.in_flight == 3, timeout=20)
+    assert httpx.delete(f"{url}/api/jobs/{job_id}").json()["status"] == "cancelled"
+    result = httpx.get(f"{url}/api/jobs/{job_id}/result")
+    assert result.status_code == 409
+    assert result.json()["error"]["code"] == "job_cancelled"
+    assert result.json()["error"]["details"] == {"pages_done": 0, "pages_total": 3}
 
 
 def test_limits_apply_at_submit(stub: StubVLLM, jobs_service: Callable[..., str], gates: Gates) -> None:

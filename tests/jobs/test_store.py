@@ -10,7 +10,7 @@ import pytest
 
 from app.errors import JobsStorageFull
 from app.jobs import NewJob, SqliteJobStore
-from app.results import PageResult
+from app.results import Block, FinishedPage, PageError, PageResult
 
 pytestmark = pytest.mark.anyio
 
@@ -51,11 +51,12 @@ def new_job(owner: str = "key:a", pages: int = 3, callback_url: str | None = Non
     )
 
 
-def page(number: int, status: str = "ok") -> PageResult:
-    return PageResult.model_validate(
+def page(number: int, status: str = "ok") -> FinishedPage:
+    result = PageResult.model_validate(
         {"page": number, "text": f"page {number}", "width": 10, "height": 20, "finish_reason": "stop",
          "tokens": 2, "seconds": 0.1, "status": status, "attempts": 1}
     )  # fmt: skip
+    return FinishedPage(result, [Block(type="paragraph", page=number, text=f"page {number}")])
 
 
 async def test_nothing_is_written_before_the_first_job(tmp_path: Path) -> None:
@@ -97,7 +98,7 @@ async def test_pages_are_stored_once_and_survive_reopening(store: SqliteJobStore
     store.close()
     reopened = SqliteJobStore(store.path, ttl_s=TTL_S, max_bytes=10_000, clock=clock)
     assert [p.page for p in await reopened.pages(record.id)] == [1, 2]
-    assert (await reopened.pages(record.id))[0].status == "failed"
+    assert (await reopened.pages(record.id))[0].result.status == "failed"
     again = await reopened.get(record.id)
     assert again is not None
     assert again.pages_done == 2
@@ -222,3 +223,25 @@ async def test_one_worker_per_file(store: SqliteJobStore, clock: Clock) -> None:
     await store.cancel(record.id)  # another process cancels: the worker learns at its next page
     assert not await other.add_page(record.id, page(2))
     other.close()
+
+
+async def test_pages_keep_their_blocks_and_error_details(
+    store: SqliteJobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocks are stored with the page (never parsed again on read); a failed page keeps its error's details."""
+    record = await store.create(new_job(), b"doc")
+    assert await store.mark_running(record.id)
+    stored = page(1)
+    blocks = [Block(type="heading", page=1, text="# not the text", level=1)]  # differs from parsing the text
+    await store.add_page(record.id, FinishedPage(stored.result, blocks))
+    error = PageError(code="engine_error", message="vLLM said 400", details={"upstream_status": 400})
+    failed = stored.result.model_copy(update={"page": 2, "status": "failed", "text": "", "error": error})
+    await store.add_page(record.id, FinishedPage(failed, []))
+
+    def no_parsing(*args: object) -> None:
+        raise AssertionError("blocks parsed again on read")
+
+    monkeypatch.setattr("app.jobs.store.parse_blocks", no_parsing)
+    first, second = await store.pages(record.id)
+    assert first.blocks == blocks
+    assert second.result.error == error
