@@ -114,7 +114,7 @@
 
   // ---------------------------------------------------------------- state and layout
 
-  let run = null; // the run on screen: {controller, pages, images, imageError, result}
+  let run = null; // the run on screen: {controller, pages, images, imageError, result, started}
 
   function element(tag, className, text) {
     const node = document.createElement(tag);
@@ -123,9 +123,16 @@
     return node;
   }
 
+  // Service messages mark names with backticks (`pages`, MAX_PAGES): shown as code, never as HTML.
+  function withCode(text) {
+    return String(text)
+      .split("`")
+      .map((part, i) => (i % 2 ? element("code", "", part) : document.createTextNode(part)));
+  }
+
   function showError(message, code) {
     const box = $("error");
-    box.textContent = message;
+    box.replaceChildren(...withCode(message));
     box.dataset.code = code || "";
     box.hidden = false;
   }
@@ -133,6 +140,46 @@
   function clearError() {
     $("error").hidden = true;
     $("error").textContent = "";
+    $("notice").hidden = true;
+    $("notice").replaceChildren();
+  }
+
+  // What each page status other than ok means, in the words a reader needs.
+  const STATUS_NOTES = {
+    retried: "Read again after a first attempt was cut short or looped; this text is from the clean attempt.",
+    truncated:
+      "Truncated: the model reached its token limit (`MAX_NEW_TOKENS`) on every attempt, so the end of this page may be missing.",
+    repetitive: "Repetitive: the model got stuck repeating itself; the text may be incomplete.",
+  };
+
+  function pagesPhrase(numbers) {
+    return `${numbers.length > 1 ? "pages" : "page"} ${numbers.join(", ")}`;
+  }
+
+  // A partial document says which pages are not clean and what that means.
+  function showDocumentStatus(result) {
+    const box = $("notice");
+    if (result.status !== "partial") {
+      box.hidden = true;
+      box.replaceChildren();
+      return;
+    }
+    const byStatus = new Map();
+    for (const page of result.pages) {
+      if (page.status === "ok" || page.status === "retried") continue;
+      if (!byStatus.has(page.status)) byStatus.set(page.status, []);
+      byStatus.get(page.status).push(page.page);
+    }
+    const parts = [...byStatus].map(([status, numbers]) => `${pagesPhrase(numbers)} ${status}`);
+    const lines = [element("strong", "", `Partial document: ${parts.join("; ")}.`)];
+    for (const status of byStatus.keys()) {
+      if (!STATUS_NOTES[status]) continue;
+      const line = element("p");
+      line.append(...withCode(STATUS_NOTES[status]));
+      lines.push(line);
+    }
+    box.replaceChildren(...lines);
+    box.hidden = false;
   }
 
   // One slot per selected page, created in page order, filled as pages finish.
@@ -185,6 +232,14 @@
     badge.className = `badge ${page.status}`;
     const seconds = typeof page.seconds === "number" ? `${page.seconds.toFixed(1)} s` : "";
     slot.querySelector(".meta").textContent = [`${page.tokens} tokens`, seconds].filter(Boolean).join(" · ");
+    badge.title = STATUS_NOTES[page.status] ? STATUS_NOTES[page.status].replaceAll("`", "") : "";
+    const oldNote = slot.querySelector(".page-note");
+    if (oldNote) oldNote.remove();
+    if (page.status === "truncated" || page.status === "repetitive") {
+      const note = element("p", "page-note");
+      note.append(...withCode(STATUS_NOTES[page.status]));
+      slot.querySelector("header").after(note);
+    }
     const body = slot.querySelector(".markdown");
     if (page.status === "failed") {
       body.className = "markdown failed";
@@ -194,6 +249,17 @@
       body.innerHTML = renderMarkdown(page.text);
     }
     slot.querySelector("header button").disabled = page.status === "failed";
+  }
+
+  // The run ended in an error: never leave "Uploading…" up. Before any page there is nothing to show.
+  function stopped() {
+    if (!run || !run.started) {
+      $("progress-text").textContent = "";
+      $("status").hidden = true;
+      return;
+    }
+    const text = $("progress-text");
+    if (!text.textContent.endsWith(" · stopped")) text.textContent += " · stopped";
   }
 
   function paintProgress(done, total) {
@@ -292,6 +358,7 @@
   function handle(event) {
     switch (event.event) {
       case "start":
+        run.started = true;
         event.pages.forEach((number) => addSlot(number));
         paintProgress(0, event.total);
         break;
@@ -306,11 +373,13 @@
         run.result = event.result; // its pages were already shown, one `page` event each
         const failed = event.result.failed_pages.length;
         if (failed) showError(`${failed} page(s) failed: ${event.result.failed_pages.join(", ")}.`, "failed_pages");
+        showDocumentStatus(event.result);
         enableDownloads();
         break;
       }
       case "error":
         showError(event.error.message, event.error.code);
+        stopped();
         break;
       default:
         break; // events added later are ignored, not fatal
@@ -325,7 +394,14 @@
       return;
     }
     if (run) run.controller.abort();
-    const state = { controller: new AbortController(), pages: new Map(), images: new Map(), imageError: null, result: null };
+    const state = {
+      controller: new AbortController(),
+      pages: new Map(),
+      images: new Map(),
+      imageError: null,
+      result: null,
+      started: false,
+    };
     run = state;
     clearError();
     $("results").replaceChildren();
@@ -345,7 +421,7 @@
       if (!response.ok) {
         const error = await failureOf(response);
         showError(error.message, error.code);
-        $("status").hidden = true;
+        stopped();
         state.controller.abort(); // no pages will come: stop rendering images too
         return;
       }
@@ -353,9 +429,15 @@
         if (run !== state) return;
         handle(event);
       }
-      if (!state.result && $("error").hidden) showError("The connection closed before the document was finished.", "stream_closed");
+      if (!state.result && $("error").hidden) {
+        showError("The connection closed before the document was finished.", "stream_closed");
+        stopped();
+      }
     } catch (err) {
-      if (err.name !== "AbortError") showError(`The request failed: ${err.message}`, "network_error");
+      if (err.name !== "AbortError" && run === state) {
+        showError(`The request failed: ${err.message}`, "network_error");
+        stopped();
+      }
     } finally {
       if (run === state) $("run").disabled = false;
     }
