@@ -138,3 +138,52 @@ def test_probes_are_not_logged_at_info(vllm_service: ServiceFactory, capsys: pyt
     logged = wait_for_access_lines(capsys, 1)
     routes = [json.loads(line).get("route") for line in logged.splitlines() if line.startswith("{")]
     assert routes == ["/info"]
+
+
+# The libraries put a stderr handler of their own on their loggers (transformers and torch also
+# stop propagation): lines that bypass LOG_FORMAT, or appear twice in text mode.
+THIRD_PARTY = """
+import logging, sys, warnings
+fmt, when, with_torch = sys.argv[1], sys.argv[2], sys.argv[3] == "torch"
+if when == "before":
+    import huggingface_hub.utils.logging, transformers
+from app.logs import setup_logging
+setup_logging(fmt, "INFO")
+import huggingface_hub.file_download, transformers  # after: the HF engine imports them when it loads
+if with_torch:
+    import torch
+    logging.getLogger("torch.distributed").warning("torch warns")
+from huggingface_hub.utils import logging as hub_logging
+from transformers.utils import logging as transformers_logging
+hub_logging.get_logger("huggingface_hub.file_download").warning("hub warns")
+transformers_logging.get_logger("transformers.modeling_utils").warning("transformers warns")
+logging.getLogger("httpx").warning("httpx warns")
+logging.getLogger("uvicorn.error").warning("uvicorn warns")
+warnings.warn("a python warning", FutureWarning)
+"""
+MESSAGES = ("hub warns", "transformers warns", "httpx warns", "uvicorn warns", "a python warning")
+
+
+def run_third_party(fmt: str, when: str, torch: bool = False) -> list[str]:
+    import subprocess
+
+    command = [sys.executable, "-c", THIRD_PARTY, fmt, when, "torch" if torch else "-"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
+    assert done.stdout == ""
+    return done.stderr.splitlines()
+
+
+@pytest.mark.parametrize(("when", "torch"), [("before", False), ("after", True)])
+def test_json_third_party_lines_are_json_too(when: str, torch: bool) -> None:
+    """LOG_FORMAT=json: every stderr line is one JSON object, the libraries' warnings included, once each."""
+    lines = run_third_party("json", when, torch)
+    entries = [json.loads(line) for line in lines]  # raises on any raw line
+    for message in (*MESSAGES, "torch warns") if torch else MESSAGES:
+        assert sum(message in entry["message"] for entry in entries) == 1, (message, lines)
+
+
+def test_text_third_party_warnings_appear_once() -> None:
+    lines = run_third_party("text", "after")
+    for message in MESSAGES:
+        assert sum(message in line for line in lines) == 1, (message, lines)
+    assert all(" WARNING " in line for line in lines if any(message in line for message in MESSAGES))
