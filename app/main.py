@@ -7,6 +7,7 @@ the weights load and `/ready` turns 200 once they are in.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -35,10 +36,17 @@ from app.service import OCRService
 from app.settings import Settings, SettingsError, check_jobs_db, get_settings
 from app.web import install_web
 
+log = logging.getLogger(__name__)
+
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
     settings = settings if settings is not None else get_settings()
     setup_logging(settings.log_format.value, settings.log_level.value)
+    if settings.unknown_env_file_keys:
+        log.warning(
+            ".env: ignoring %s: no such setting (names as in .env.example; .env is not exported to the environment)",
+            ", ".join(settings.unknown_env_file_keys),
+        )
     check_jobs_db(settings.jobs_db)
     metrics = Metrics()
 

@@ -14,7 +14,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from dotenv import dotenv_values  # python-dotenv: what pydantic-settings itself reads `.env` with
+from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -136,6 +137,13 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
 
+    # `.env` keys that name no setting (pydantic-settings ignores them silently); logged at start-up.
+    _unknown_env_file_keys: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def unknown_env_file_keys(self) -> list[str]:
+        return list(self._unknown_env_file_keys)
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:
@@ -207,13 +215,37 @@ class SettingsError(Exception):
 def load_settings(**overrides: object) -> Settings:
     """Build settings, turning pydantic's report into one readable message per variable."""
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        settings = Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         lines = []
         for error in exc.errors():
             name = str(error["loc"][0]).upper() if error["loc"] else "?"
             lines.append(f"{name}: {error['msg']} (got {error.get('input')!r})")
         raise SettingsError(_configuration_error(lines)) from None
+    settings._unknown_env_file_keys = unknown_env_file_keys(
+        overrides.get("_env_file", Settings.model_config["env_file"])
+    )
+    return settings
+
+
+def unknown_env_file_keys(env_file: object) -> list[str]:
+    """Keys of the `.env` file(s) that match no setting, as written: a typo there is otherwise silently ignored.
+
+    Only the file's keys: environment variables are the whole machine's, most of them not ours.
+    """
+    if env_file is None:
+        return []
+    files = [env_file] if isinstance(env_file, str | os.PathLike) else list(env_file)  # type: ignore[call-overload]
+    known = set(Settings.model_fields)
+    unknown: list[str] = []
+    for file in files:
+        path = Path(file).expanduser()
+        if not path.is_file():
+            continue
+        for key in dotenv_values(path, encoding="utf-8"):
+            if key.lower() not in known and key not in unknown:
+                unknown.append(key)
+    return unknown
 
 
 def _configuration_error(lines: list[str]) -> str:

@@ -67,3 +67,28 @@ def test_service_refuses_to_start_with_a_clear_message() -> None:
     assert done.stderr.startswith("LightOnOCR Service cannot start: invalid configuration: MODEL_SOURCE: ")
     assert len(done.stderr.strip().splitlines()) == 1
     assert "Traceback" not in done.stderr
+
+
+def test_unknown_dotenv_keys_are_named_in_a_warning(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A typo in `.env` (MAX_PAGE for MAX_PAGES) is named at start-up; environment variables are not ours to judge."""
+    from app.main import create_app
+
+    env_file = tmp_path / ".env"
+    env_file.write_text("MAX_PAGES=7\nMAX_PAGE=3\n# a comment\nhf_token=secret\nlog_level=debug\n")
+    monkeypatch.setenv("SOME_UNRELATED_VARIABLE", "1")
+    settings = load_settings(_env_file=env_file, jobs_db=tmp_path / "jobs.db")
+    assert settings.max_pages == 7
+    assert settings.unknown_env_file_keys == ["MAX_PAGE", "hf_token"]
+    with caplog.at_level("WARNING", logger="app.main"):
+        create_app(settings)
+    [warning] = [record.getMessage() for record in caplog.records if record.name == "app.main"]
+    assert "MAX_PAGE, hf_token" in warning
+    assert "SOME_UNRELATED_VARIABLE" not in warning
+    assert "secret" not in warning
+
+
+def test_no_dotenv_no_warning(tmp_path: Path) -> None:
+    assert load_settings(_env_file=None).unknown_env_file_keys == []
+    assert load_settings(_env_file=tmp_path / "missing.env").unknown_env_file_keys == []
