@@ -11,6 +11,7 @@ import logging
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from types import FrameType
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -124,7 +125,41 @@ def _install_metrics(app: FastAPI, metrics: Metrics) -> None:
 # instead of restarting a worker that would fail the same way forever.
 STARTUP_FAILURE = 3
 
+
+def uvicorn_workers() -> int:
+    """Worker processes of the uvicorn importing this module: its `Config` is a local of a calling frame.
+
+    1 when not imported by uvicorn (tests, `lightonocr serve`, which never runs more than one).
+    """
+    try:
+        from uvicorn import Config
+    except ImportError:  # pragma: no cover - uvicorn is a dependency
+        return 1
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        for value in frame.f_locals.values():
+            if isinstance(value, Config):
+                return max(value.workers or 1, 1)
+        frame = frame.f_back
+    return 1
+
+
+def refuse_several_workers(workers: int) -> None:
+    """One worker per process: scale with replicas.
+
+    Each uvicorn worker is a separate process: with the HF engine each would load its own copy
+    of the model, and each keeps its own /metrics (scrapes would alternate between them and the
+    counters go backwards), queue bound, per-key and rate limits.
+    """
+    if workers > 1:
+        raise SettingsError(
+            f"--workers {workers}: run one worker per process (each worker would load its own model and keep its "
+            "own metrics and limits); scale with replicas behind a load balancer instead (README, Operations)"
+        )
+
+
 try:
+    refuse_several_workers(uvicorn_workers())
     app = create_app()
 except SettingsError as exc:  # a clean message naming the variables, not a traceback
     sys.stderr.write(f"LightOnOCR Service cannot start: {exc}\n")

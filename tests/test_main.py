@@ -97,3 +97,27 @@ def test_check_refuses_a_directory_and_an_unwritable_file(tmp_path: Path) -> Non
         path.chmod(0o400)
         with pytest.raises(SettingsError, match="JOBS_DB: cannot write"):
             check_jobs_db(path)
+
+
+def test_several_workers_are_refused(tmp_path: Path) -> None:
+    """`--workers 2`: each worker would load its own model and keep its own /metrics (scrapes alternate: 2, 4, 2, 4)."""
+    done = start(tmp_path, {"JOBS_DB": str(tmp_path / "jobs.db")}, (), "--workers", "2")
+    refusals = [line for line in done.stderr.splitlines() if line.startswith("LightOnOCR Service cannot start")]
+    assert refusals, done.stderr
+    assert "--workers 2: run one worker per process" in refusals[0]
+    assert "replicas" in refusals[0]
+    assert "Traceback" not in done.stderr
+
+
+def test_workers_are_read_from_the_importing_uvicorn() -> None:
+    """The count comes from the uvicorn `Config` up the stack (uvicorn imports the app from inside it)."""
+    import uvicorn
+
+    from app.main import refuse_several_workers, uvicorn_workers
+
+    assert uvicorn_workers() == 1
+    config = uvicorn.Config("app.main:app", workers=3)
+    assert uvicorn_workers() == config.workers == 3
+    refuse_several_workers(1)
+    with pytest.raises(SettingsError, match="--workers 3"):
+        refuse_several_workers(uvicorn_workers())
