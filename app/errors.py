@@ -9,6 +9,7 @@ handler and clients can branch on `code` without parsing messages.
     │   ├── MalformedRequest (400 malformed_request)
     │   ├── MultipleFiles (400 multiple_files)
     │   ├── MissingFile (422 missing_file)
+    │   ├── UnknownField (422 unknown_field)
     │   └── InvalidCallbackUrl (422 invalid_callback_url)
     ├── UploadTimeout (408 upload_timeout)
     ├── ClientDisconnected (499 client_closed_request, never seen: the client left)
@@ -82,6 +83,13 @@ class MultipleFiles(BadRequest):
 class MissingFile(BadRequest):
     status = 422
     code = "missing_file"
+
+
+class UnknownField(BadRequest):
+    """A form field or query parameter the route does not take (e.g. `page` for `pages`): refused, not ignored."""
+
+    status = 422
+    code = "unknown_field"
 
 
 class InvalidCallbackUrl(BadRequest):

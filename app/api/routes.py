@@ -56,7 +56,8 @@ def upload_schema(**fields: dict[str, Any]) -> dict[str, Any]:
         "password": {"type": "string", "description": "Password of an encrypted PDF."},
         **fields,
     }
-    schema = {"type": "object", "required": ["file"], "properties": properties}
+    # Other fields are refused (422 unknown_field): `read_upload` accepts exactly these properties.
+    schema = {"type": "object", "required": ["file"], "properties": properties, "additionalProperties": False}
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
 

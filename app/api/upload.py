@@ -21,10 +21,13 @@ from app.errors import (
     MissingFile,
     MultipleFiles,
     PayloadTooLarge,
+    UnknownField,
     UploadTimeout,
 )
 
 FILE_FIELD = "file"
+# The form fields besides `file` a route takes when its OpenAPI body does not say (the web page's render).
+UPLOAD_FIELDS = frozenset({"pages", "password"})
 _MAX_FIELDS = 16
 _MULTIPART_OVERHEAD = 64 * 1024  # headers, boundaries and small form fields
 
@@ -42,14 +45,17 @@ class _Part:
     name: str = ""
     filename: str | None = None
     data: bytearray = field(default_factory=bytearray)
+    size: int = 0
+    known: bool = True  # unknown parts are measured and named, their bytes dropped
 
 
 class _Collector:
     """python-multipart callbacks; raises as soon as a limit is crossed."""
 
-    def __init__(self, max_file_bytes: int, max_field_bytes: int) -> None:
+    def __init__(self, max_file_bytes: int, max_field_bytes: int, accepted: frozenset[str]) -> None:
         self.max_file_bytes = max_file_bytes
         self.max_field_bytes = max_field_bytes
+        self.accepted = accepted
         self.parts: list[_Part] = []
         self.complete = False  # set by the closing boundary; python-multipart's finalize() checks nothing
         self._header_field = bytearray()
@@ -87,19 +93,24 @@ class _Collector:
         part.name = name.decode("utf-8", "replace")
         filename = options.get(b"filename")
         part.filename = filename.decode("utf-8", "replace") if filename is not None else None
+        part.known = part.name == FILE_FIELD or part.name in self.accepted
         if part.name == FILE_FIELD and sum(p.name == FILE_FIELD for p in self.parts) > 1:
             raise MultipleFiles("send exactly one `file` per request")
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         part = self.current
-        part.data += data[start:end]
-        if part.name == FILE_FIELD:
-            if len(part.data) > self.max_file_bytes:
+        part.size += end - start
+        if part.known:
+            part.data += data[start:end]
+        # An unknown part is not kept: it is held to the file limit (a document under another name gets
+        # `missing_file` with a hint, not a 413 for a form field).
+        if part.name == FILE_FIELD or not part.known:
+            if part.size > self.max_file_bytes:
                 raise PayloadTooLarge(
                     f"the file is larger than the limit of {self.max_file_bytes:,} bytes (MAX_FILE_SIZE_MB)",
                     max_bytes=self.max_file_bytes,
                 )
-        elif len(part.data) > self.max_field_bytes:
+        elif part.size > self.max_field_bytes:
             raise FieldTooLarge(
                 f"form field {part.name!r} is larger than {self.max_field_bytes:,} bytes",
                 field=part.name,
@@ -121,6 +132,24 @@ async def _next_chunk(chunks: AsyncIterator[bytes], idle_timeout_s: float) -> by
         ) from None
 
 
+def accepted_fields(request: Request) -> frozenset[str]:
+    """The form fields besides `file` this route takes: those its documented body lists, else UPLOAD_FIELDS.
+
+    The OpenAPI body (`upload_schema`) is the one list, so /docs and the refusal of other fields agree
+    (/api/jobs documents `callback_url` too).
+    """
+    extra = getattr(request.scope.get("route"), "openapi_extra", None)
+    try:
+        properties = extra["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]  # type: ignore[index]
+    except (KeyError, TypeError):
+        return UPLOAD_FIELDS
+    return frozenset(str(name) for name in properties) - {FILE_FIELD}
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(f"`{name}`" for name in names)
+
+
 async def read_upload(
     request: Request, *, max_file_bytes: int, max_field_bytes: int, timeout_s: float, idle_timeout_s: float
 ) -> Upload:
@@ -128,7 +157,18 @@ async def read_upload(
 
     Two clocks: `idle_timeout_s` without a byte means a stalled client; `timeout_s` caps the whole upload,
     so a slow but live client (15 KB/s on a poor link) is read to the end while a stalled one is cut early.
+    Fields the route does not take are refused by name (a `page=2` must not read the whole document), and
+    so is any query parameter: these routes take none.
     """
+    accepted = accepted_fields(request)
+    if request.query_params:
+        names = sorted(set(request.query_params.keys()))
+        raise UnknownField(
+            f"unknown query parameter(s) {_listed(names)}: send {_listed(sorted(accepted))} as multipart form "
+            "fields, next to `file`",
+            fields=names,
+            accepted=[FILE_FIELD, *sorted(accepted)],
+        )
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     boundary = options.get(b"boundary")
     if content_type != b"multipart/form-data" or not boundary:
@@ -140,7 +180,7 @@ async def read_upload(
             "(MAX_FILE_SIZE_MB)",
             max_bytes=max_file_bytes,
         )
-    collector = _Collector(max_file_bytes, max_field_bytes)
+    collector = _Collector(max_file_bytes, max_field_bytes, accepted)
     parser = MultipartParser(
         boundary,
         {
@@ -167,8 +207,27 @@ async def read_upload(
         raise MalformedRequest("the multipart body ended before its closing boundary (truncated upload?)")
 
     files = [part for part in collector.parts if part.name == FILE_FIELD]
+    unknown = sorted({part.name for part in collector.parts if not part.known})
     if not files:
-        raise MissingFile("the request has no `file` field: send the document as multipart field `file`")
+        misplaced = [
+            part.name
+            for part in collector.parts
+            if not part.known and (part.filename is not None or part.size > max_field_bytes)
+        ]
+        if misplaced:
+            raise MissingFile(
+                f"the request has no `file` field: a file arrived as {_listed(misplaced[:1])}; "
+                "send the document under the field name `file`",
+                received_as=misplaced[0],
+            )
+        also = f" (it has {_listed(unknown)})" if unknown else ""
+        raise MissingFile(f"the request has no `file` field{also}: send the document as multipart field `file`")
+    if unknown:
+        raise UnknownField(
+            f"unknown form field(s) {_listed(unknown)}: this route takes {_listed([FILE_FIELD, *sorted(accepted)])}",
+            fields=unknown,
+            accepted=[FILE_FIELD, *sorted(accepted)],
+        )
     fields = {
         part.name: bytes(part.data).decode("utf-8", "replace") for part in collector.parts if part.name != FILE_FIELD
     }

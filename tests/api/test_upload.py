@@ -9,9 +9,15 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
 
 from tests.conftest import ServiceFactory, make_settings
 from tests.hostile.cases import HttpRequest, Part, form_type, good_png, multipart, send
+from tests.support.documents import make_pdf, make_png
+from tests.support.openai_stub import StubVLLM
 
 HOST = "127.0.0.1"
 IDLE_S = 1.0  # UPLOAD_IDLE_TIMEOUT_S in these tests: a tenth of a second between pieces is live
@@ -65,3 +71,68 @@ def test_default_total_cap_lets_a_slow_client_send_a_full_size_file() -> None:
     settings = make_settings()
     assert settings.upload_timeout_s >= settings.max_file_bytes / 15_000
     assert settings.upload_idle_timeout_s < settings.upload_timeout_s
+
+
+def _error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    error: dict[str, Any] = response.json()["error"]
+    assert error["code"] == code, error
+    return error
+
+
+@pytest.mark.parametrize("path", ["/api/inference", "/api/jobs", "/web/render"])
+def test_unknown_form_fields_are_refused_by_name(vllm_service: ServiceFactory, stub: StubVLLM, path: str) -> None:
+    """`page=2` (for `pages`) used to OCR the whole document without a word."""
+    url = vllm_service()
+    files = {"file": ("doc.pdf", make_pdf(3))}
+    response = httpx.post(f"{url}{path}", files=files, data={"page": "2", "lang": "fr"}, timeout=30)
+    error = _error(response, 422, "unknown_field")
+    assert error["details"]["fields"] == ["lang", "page"]
+    assert "`page`" in error["message"]
+    assert "pages" in error["details"]["accepted"]
+    assert stub.requests == []  # nothing was read
+
+
+@pytest.mark.parametrize("path", ["/api/inference", "/api/jobs", "/web/render"])
+def test_query_parameters_are_refused_by_name(vllm_service: ServiceFactory, path: str) -> None:
+    url = vllm_service()
+    response = httpx.post(f"{url}{path}?pages=2", files={"file": ("doc.pdf", make_pdf(3))}, timeout=30)
+    error = _error(response, 422, "unknown_field")
+    assert error["details"]["fields"] == ["pages"]
+    assert "query" in error["message"]
+
+
+def test_jobs_take_callback_url_but_inference_does_not(vllm_service: ServiceFactory) -> None:
+    url = vllm_service()
+    files = {"file": ("doc.pdf", make_pdf(1))}
+    data = {"callback_url": "https://example.com/hook"}
+    assert httpx.post(f"{url}/api/jobs", files=files, data=data, timeout=30).status_code == 202
+    response = httpx.post(f"{url}/api/inference", files=files, data=data, timeout=30)
+    assert _error(response, 422, "unknown_field")["details"]["fields"] == ["callback_url"]
+
+
+def test_known_fields_still_work(vllm_service: ServiceFactory) -> None:
+    url = vllm_service()
+    files = {"file": ("doc.pdf", make_pdf(3))}
+    response = httpx.post(f"{url}/api/inference", files=files, data={"pages": "2", "password": ""}, timeout=30)
+    assert response.status_code == 200, response.text
+    assert [page["text"] for page in response.json()["pages"]] == ["page 2"]
+
+
+def test_a_file_under_another_name_is_missing_file_with_a_hint(vllm_service: ServiceFactory) -> None:
+    """A 100 KB document sent as `document` used to get 413 field_too_large (it is over MAX_FIELD_SIZE_KB)."""
+    url = vllm_service()
+    document = make_png(600, 600, page_id=3) + b"\0" * 100_000
+    response = httpx.post(f"{url}/api/inference", files={"document": ("a.png", document)}, timeout=30)
+    error = _error(response, 422, "missing_file")
+    assert error["details"]["received_as"] == "document"
+    assert "`document`" in error["message"]
+    assert "`file`" in error["message"]
+
+
+def test_a_document_as_a_plain_field_under_another_name_is_missing_file(vllm_service: ServiceFactory) -> None:
+    """`curl -F 'document=<a.png'` sends the bytes with no filename: too big for a form value, so named too."""
+    url = vllm_service()
+    document = make_png(600, 600, page_id=3) + b"\0" * 100_000
+    response = httpx.post(f"{url}/api/inference", files={"document": (None, document)}, timeout=30)
+    assert _error(response, 422, "missing_file")["details"]["received_as"] == "document"
