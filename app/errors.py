@@ -26,6 +26,7 @@ handler and clients can branch on `code` without parsing messages.
     │   └── InvalidPages (422 invalid_pages)
     ├── Unauthorized (401 unauthorized, WWW-Authenticate)
     ├── EngineError (502 engine_error)
+    │   ├── PageRejected (502 page_rejected)
     │   ├── DocumentFailed (502 document_failed)
     │   └── EngineTimeout (504 engine_timeout)
     ├── RequestTimeout (504 request_timeout)
@@ -159,6 +160,14 @@ class EngineError(OCRError):
 
     status = 502
     code = "engine_error"
+
+
+class PageRejected(EngineError):
+    """The model cannot process this one page (vLLM's 400, or its 500 for a processing error on this
+    input; a page that fails alone in the `huggingface` engine). Not retried: the answer would not change.
+    """
+
+    code = "page_rejected"
 
 
 class EngineTimeout(EngineError):

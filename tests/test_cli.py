@@ -189,7 +189,7 @@ def test_server_error_event_mid_stream(inputs: dict[str, Path], stub: StubVLLM, 
     url = vllm_service(vllm_max_retries=0)
     result = invoke("ocr", str(inputs["b"]), "--server", url)
     assert result.exit_code == 1
-    assert "b.png: engine_error" in result.stderr
+    assert "b.png: page_rejected" in result.stderr
 
 
 def test_server_without_streaming_falls_back_to_json(inputs: dict[str, Path], workdir: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections import deque
 from dataclasses import dataclass, field
@@ -24,7 +25,8 @@ if TYPE_CHECKING:
     from transformers import LightOnOcrForConditionalGeneration, LightOnOcrProcessor
 
 from app.engines.base import EngineBase, EngineInfo, Sampling
-from app.errors import EngineError, EngineNotReady, EngineUnavailable
+from app.errors import EngineError, EngineNotReady, EngineUnavailable, PageRejected
+from app.intake.document import pad_to_min_side
 from app.results import FinishReason, Generation
 from app.settings import Device, Settings
 
@@ -59,6 +61,12 @@ class _Pending:
     image: Image.Image
     sampling: Sampling
     future: asyncio.Future[Generation] = field(repr=False)
+    # The caller's context (its request id): the batcher logs a page's failure under it.
+    context: contextvars.Context = field(default_factory=contextvars.copy_context, repr=False)
+
+    def fail(self, error: Exception) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
 
 
 class HuggingFaceEngine(EngineBase):
@@ -68,6 +76,8 @@ class HuggingFaceEngine(EngineBase):
         self._model: LightOnOcrForConditionalGeneration | None = None
         self._processor: LightOnOcrProcessor | None = None
         self._stop_ids: set[int] = set()
+        # Smallest side the processor can take (patch size x spatial merge); known once loaded.
+        self._min_side = 0
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._batcher: asyncio.Task[None] | None = None
         # Sizes of recent `generate` batches: the evidence that concurrent pages are decoded together.
@@ -116,6 +126,7 @@ class HuggingFaceEngine(EngineBase):
         tokenizer = processor.tokenizer
         stop_ids = set(_as_list(model.generation_config.eos_token_id))
         stop_ids.update(_as_list(tokenizer.eos_token_id))
+        self._min_side = min_side_of(processor)
         self._device, self._model, self._processor, self._stop_ids = device, model, processor, stop_ids
 
     async def close(self) -> None:
@@ -148,6 +159,8 @@ class HuggingFaceEngine(EngineBase):
     async def recognize(self, image: Image.Image, sampling: Sampling) -> Generation:
         if self._batcher is None or self._batcher.done():
             raise EngineNotReady("the model is not loaded", retry_after=self._settings.retry_after_s)
+        # A side shorter than one merged patch would make the processor fail: pad it with white.
+        image = pad_to_min_side(image, self._min_side)
         future: asyncio.Future[Generation] = asyncio.get_running_loop().create_future()
         await self._queue.put(_Pending(image, sampling, future))
         return await future
@@ -169,19 +182,46 @@ class HuggingFaceEngine(EngineBase):
             finally:
                 # On shutdown (cancellation) no caller of this batch may be left waiting.
                 for pending in batch:
-                    if not pending.future.done():
-                        pending.future.set_exception(EngineUnavailable("the engine is shutting down"))
+                    pending.fail(EngineUnavailable("the engine is shutting down"))
 
     async def _run_group(self, group: list[_Pending]) -> None:
+        """Generate for `group`; a failing batch is split in halves until the failing page stands alone.
+
+        One page the model cannot take must not fail the pages batched with it: they are
+        generated again without it (a failed `generate` returns nothing for anyone). Out of
+        memory is handled the same way: a batch that does not fit is split, not failed.
+        """
+        group = [p for p in group if not p.future.done()]
+        if not group:
+            return
         self.batch_sizes.append(len(group))
         try:
             results = await anyio.to_thread.run_sync(self._generate, group)
         except Exception as exc:  # one failed batch must not stop the batcher
-            log.exception("generate failed for a batch of %d page(s)", len(group))
-            error = EngineError(f"generation failed: {exc}")
-            for pending in group:
-                if not pending.future.done():
-                    pending.future.set_exception(error)
+            oom = _is_out_of_memory(exc)
+            if oom:
+                _free_accelerator_memory()
+            if len(group) > 1:
+                log.warning(
+                    "generate %s for a batch of %d pages (%s); splitting it to isolate the cause",
+                    "ran out of memory" if oom else "failed",
+                    len(group),
+                    _describe(exc),
+                )
+                half = len(group) // 2
+                await self._run_group(group[:half])
+                await self._run_group(group[half:])
+                return
+            pending = group[0]
+            width, height = pending.image.size
+            # Logged in the caller's context, so the line carries its request id.
+            pending.context.run(
+                log.error, "generate failed for a %dx%d page: %s", width, height, _describe(exc), exc_info=exc
+            )
+            if oom:
+                pending.fail(EngineError("the page does not fit in the accelerator's memory"))
+            else:
+                pending.fail(PageRejected("the model cannot process this page (the detail is in the server log)"))
             return
         for pending, result in zip(group, results, strict=True):
             if not pending.future.done():
@@ -224,6 +264,44 @@ class HuggingFaceEngine(EngineBase):
         tokens = row[:end] if end is not None else row
         text = self._processor.tokenizer.decode(tokens, skip_special_tokens=True)
         return Generation(text=text.strip(), finish_reason=finish, tokens=len(tokens))
+
+
+def min_side_of(processor: Any) -> int:
+    """The smallest image side the processor can take: one merged patch (patch size x spatial merge).
+
+    Read from the loaded processor, so a checkpoint with other sizes gets its own minimum;
+    28 (LightOnOCR's 14 x 2) when the processor does not say.
+    """
+    effective = getattr(processor, "effective_patch_size", None)
+    if isinstance(effective, int) and effective > 0:
+        return effective
+    patch = getattr(getattr(processor, "image_processor", None), "patch_size", None) or getattr(
+        processor, "patch_size", None
+    )
+    if isinstance(patch, dict):
+        patch = max(int(patch.get("height", 0)), int(patch.get("width", 0))) or None
+    merge = getattr(processor, "spatial_merge_size", None) or 1
+    if isinstance(patch, int) and isinstance(merge, int) and patch > 0:
+        return patch * merge
+    return 28
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the same failure worded by another backend (MPS, CPU allocator)."""
+    if type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return "out of memory" in str(exc).lower()
+
+
+def _free_accelerator_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _looks_like_path(name: str) -> bool:

@@ -17,22 +17,27 @@ import httpx
 from PIL import Image
 
 from app.engines.base import EngineBase, EngineInfo, Sampling
-from app.errors import EngineError, EngineTimeout, EngineUnavailable
+from app.errors import EngineError, EngineTimeout, EngineUnavailable, PageRejected
 from app.imaging import encode_png, png_data_url
+from app.intake.document import pad_to_min_side
 from app.results import Generation
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
 _HEALTH_TIMEOUT_S = 5.0
+# vLLM resizes pages to whole 28-px merged patches and fails on a side shorter than that
+# (REFERENCE.md; LightOnOCR's profile: patch 14 x spatial merge 2). Shorter sides are padded.
+MIN_SIDE = 28
 
 
 class _Retryable(Exception):
-    """A failure worth another try: connection trouble or a 5xx."""
+    """A failure worth another try: connection trouble, overload (429, 503) or a 5xx not tied to the page."""
 
-    def __init__(self, message: str, *, connection: bool) -> None:
+    def __init__(self, message: str, *, connection: bool, summary: str = "") -> None:
         super().__init__(message)
         self.connection = connection
+        self.summary = summary  # what the client may see (no addresses, no reprs)
 
 
 class VLLMEngine(EngineBase):
@@ -41,6 +46,13 @@ class VLLMEngine(EngineBase):
         self._base_url = settings.vllm_base_url
         self._semaphore = asyncio.Semaphore(settings.max_concurrent_pages)
         self._client: httpx.AsyncClient | None = None
+        self._last_health_problem: str | None = None
+
+    def _health_problem(self, detail: str) -> None:
+        """Log the detail (address, exception) once per change: probes call this every few seconds."""
+        if detail != self._last_health_problem:
+            log.warning("%s", detail)
+            self._last_health_problem = detail
 
     async def start(self) -> None:
         headers = {"Authorization": f"Bearer {self._settings.vllm_api_key}"} if self._settings.vllm_api_key else {}
@@ -78,14 +90,17 @@ class VLLMEngine(EngineBase):
         try:
             response = await self.client.get("/models", timeout=_HEALTH_TIMEOUT_S)
         except httpx.HTTPError as exc:
+            self._health_problem(f"vLLM server at {self._base_url} is unreachable: {exc!r}")
             raise EngineUnavailable(
-                f"vLLM server at {self._base_url} is unreachable: {exc!r}", retry_after=retry_after
+                "the vLLM server is unreachable (see VLLM_BASE_URL and the log)", retry_after=retry_after
             ) from None
         if response.status_code != 200:
+            self._health_problem(f"vLLM server at {self._base_url} answered {response.status_code} to /models")
             raise EngineUnavailable(
-                f"vLLM server at {self._base_url} answered {response.status_code} to /models",
+                f"the vLLM server answered HTTP {response.status_code} to /models",
                 retry_after=retry_after,
             )
+        self._last_health_problem = None
         try:
             models = {str(model["id"]): model for model in response.json()["data"]}
         except (ValueError, KeyError, TypeError):
@@ -118,7 +133,7 @@ class VLLMEngine(EngineBase):
 
     def encode_page(self, image: Image.Image, sampling: Sampling) -> dict[str, Any]:
         """The request body for a page (PNG + base64): CPU work, run in a worker thread."""
-        return self.payload(encode_png(image), sampling)
+        return self.payload(encode_png(pad_to_min_side(image, MIN_SIDE)), sampling)
 
     async def recognize(self, image: Image.Image, sampling: Sampling) -> Generation:
         # Encoding (PNG and base64) happens in a worker thread before taking a slot, so it
@@ -134,12 +149,15 @@ class VLLMEngine(EngineBase):
                 return await self._post(payload)
             except _Retryable as exc:
                 if attempt == attempts:
+                    # The detail (address, exception, upstream body) goes to the log under the
+                    # request id; the client gets a message without internal addresses or reprs.
+                    log.warning("vLLM server at %s failed %d times; last: %s", self._base_url, attempts, exc)
                     if exc.connection:
                         raise EngineUnavailable(
-                            f"vLLM server at {self._base_url} failed {attempts} times: {exc}",
+                            f"the vLLM server could not be reached ({attempts} attempts)",
                             retry_after=self._settings.retry_after_s,
                         ) from None
-                    raise EngineError(f"vLLM server failed {attempts} times: {exc}") from None
+                    raise EngineError(f"the vLLM server failed {attempts} times ({exc.summary})") from None
                 delay = self._settings.vllm_retry_backoff_s * 2 ** (attempt - 1)
                 log.debug("vLLM request failed (%s); retry %d/%d in %.2fs", exc, attempt, attempts - 1, delay)
                 await asyncio.sleep(delay * (0.5 + random.random()))
@@ -157,14 +175,39 @@ class VLLMEngine(EngineBase):
             ) from None
         except httpx.TransportError as exc:
             raise _Retryable(repr(exc), connection=True) from None
-        if response.status_code >= 500:
-            raise _Retryable(f"HTTP {response.status_code}: {response.text[:200]}", connection=False)
-        if response.status_code != 200:
-            raise EngineError(
-                f"vLLM rejected the page with HTTP {response.status_code}: {response.text[:500]}",
-                upstream_status=response.status_code,
+        status = response.status_code
+        if status == 200:
+            return _parse_completion(response)
+        upstream = _error_message(response)
+        if status == 400 or (status == 500 and upstream is not None and not _engine_in_trouble(upstream)):
+            # vLLM could not process this input: the same page would get the same answer.
+            log.warning("vLLM rejected a page with HTTP %d: %s", status, (upstream or response.text)[:500])
+            raise PageRejected(
+                f"the model cannot process this page (vLLM answered HTTP {status})", upstream_status=status
             )
-        return _parse_completion(response)
+        if status >= 500 or status == 429:
+            raise _Retryable(f"HTTP {status}: {response.text[:200]}", connection=False, summary=f"HTTP {status}")
+        log.warning("vLLM refused a page with HTTP %d: %s", status, response.text[:500])
+        raise EngineError(f"vLLM refused the page with HTTP {status}", upstream_status=status)
+
+
+# Words in a 500's message that mean the server itself is in trouble, not this page: retried.
+_ENGINE_TROUBLE = ("enginecore", "enginedead", "engine dead", "out of memory", "cuda error", "overloaded")
+
+
+def _error_message(response: httpx.Response) -> str | None:
+    """The message of vLLM's error body `{"error": {"message", "type", "param", "code"}}`, if it is one."""
+    try:
+        error = response.json()["error"]
+        message = error["message"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return message if isinstance(message, str) else None
+
+
+def _engine_in_trouble(message: str) -> bool:
+    lowered = message.lower()
+    return any(marker in lowered for marker in _ENGINE_TROUBLE)
 
 
 def _parse_completion(response: httpx.Response) -> Generation:

@@ -88,6 +88,24 @@ def fit_to_model(image: Image.Image) -> Image.Image:
     return image.resize(size, Image.Resampling.LANCZOS)
 
 
+def pad_to_min_side(image: Image.Image, min_side: int) -> Image.Image:
+    """White margin on the right and bottom so both sides are at least `min_side` px.
+
+    The vision encoder cuts a page into patches merged 2x2 (28 px for LightOnOCR): a side
+    shorter than that leaves no merged patch and the model fails. The content keeps its
+    pixels and its place (top-left), so a thin strip of text can still be read; a page
+    whose sides are both at least `min_side` is returned as it is (the same object).
+    """
+    width, height = image.size
+    if width >= min_side and height >= min_side:
+        return image
+    if image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")
+    padded = Image.new(image.mode, (max(width, min_side), max(height, min_side)), "white")
+    padded.paste(image, (0, 0))
+    return padded
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB with any transparency flattened on white; 16-bit samples scaled, not clipped."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):

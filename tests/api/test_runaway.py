@@ -147,13 +147,13 @@ def failing(pages: set[int], status: int = 400) -> ByPage:
 
 
 def test_engine_error_on_one_page_of_four_is_a_partial_result(vllm_service: ServiceFactory, stub: StubVLLM) -> None:
-    stub.responder = failing({3}, status=500)  # 5xx: the engine retries the HTTP call, then gives up
+    stub.responder = failing({3}, status=503)  # overloaded: the engine retries the HTTP call, then gives up
     body = ok(post(vllm_service(vllm_max_retries=1), small_pdf(4)))
 
     failed = page(body, 3)
     assert failed["status"] == "failed"
     assert failed["error"]["code"] == "engine_error"
-    assert "page 3 is cursed" in failed["error"]["message"]
+    assert "HTTP 503" in failed["error"]["message"]  # vLLM's own words ("page 3 is cursed") go to the log
     assert (failed["text"], failed["finish_reason"], failed["tokens"], failed["attempts"]) == ("", None, 0, 1)
     assert (failed["width"], failed["height"]) == (600, 800)  # rendered before it failed
     assert body["status"] == "partial"
@@ -179,7 +179,7 @@ def test_too_many_failed_pages_fail_the_document(vllm_service: ServiceFactory, s
     error = response.json()["error"]
     assert error["code"] == "document_failed"
     assert "3 of 4 pages failed" in error["message"]
-    assert error["details"] == {"failed_pages": [1, 2, 3], "errors": ["engine_error"]}
+    assert error["details"] == {"failed_pages": [1, 2, 3], "errors": ["page_rejected"]}
 
 
 def test_zero_ratio_fails_on_any_failed_page(vllm_service: ServiceFactory, stub: StubVLLM) -> None:
@@ -194,7 +194,7 @@ def test_single_image_failing_gets_the_pages_own_error(vllm_service: ServiceFact
     response = post(vllm_service(), make_png(500, 600, page_id=7), "scan.png")
     assert response.status_code == 502, response.text
     error = response.json()["error"]
-    assert error["code"] == "engine_error"
+    assert error["code"] == "page_rejected"
     assert error["details"] == {"upstream_status": 400}
 
 
@@ -219,7 +219,7 @@ def test_every_page_failing_alike_gets_that_error(vllm_service: ServiceFactory, 
     stub.responder = failing({1, 2, 3})
     response = post(vllm_service(), small_pdf(3))
     assert response.status_code == 502
-    assert response.json()["error"]["code"] == "engine_error"
+    assert response.json()["error"]["code"] == "page_rejected"
 
 
 # --------------------------------------------------------------------------- the real tiny model

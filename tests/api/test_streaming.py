@@ -103,12 +103,12 @@ def test_refusals_keep_their_status(stub: StubVLLM, vllm_service: ServiceFactory
 
 
 def test_error_midway_is_an_event(stub: StubVLLM, vllm_service: ServiceFactory) -> None:
-    stub.responder = lambda request: Reply(status=500, message="boom")
+    stub.responder = lambda request: Reply(status=400, message="boom")
     url = vllm_service(vllm_max_retries=0, max_failed_page_ratio=0)
     status, events = stream(url, {"file": ("a.pdf", make_pdf(2, (200, 260)))})
     assert status == 200
     assert events[-1]["event"] == "error"
-    assert events[-1]["error"]["code"] in {"engine_error", "document_failed"}
+    assert events[-1]["error"]["code"] in {"page_rejected", "document_failed"}
     assert httpx.get(f"{url}/health").status_code == 200
 
 

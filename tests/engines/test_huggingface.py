@@ -22,7 +22,7 @@ from PIL import Image
 
 from app.engines.base import Sampling
 from app.engines.huggingface import HuggingFaceEngine, _Pending
-from app.errors import EngineError, EngineNotReady, EngineUnavailable
+from app.errors import EngineError, EngineNotReady, EngineUnavailable, PageRejected
 from app.results import Generation
 from app.settings import Settings
 from tests.conftest import make_settings
@@ -262,8 +262,7 @@ async def test_a_failed_batch_fails_only_its_callers(
         return_exceptions=True,
     )
     for failed in (results[0], results[2]):
-        assert isinstance(failed, EngineError)
-        assert "the processor choked on this page" in str(failed)
+        assert isinstance(failed, PageRejected)  # the exception's own words go to the log only
     for served in (results[1], results[3]):
         assert isinstance(served, Generation)
         assert_valid(served)
@@ -271,6 +270,77 @@ async def test_a_failed_batch_fails_only_its_callers(
     # The batcher survived: the engine is healthy and keeps serving.
     await engine.check_health()
     assert_valid(await engine.recognize(page(1), GREEDY))
+
+
+async def test_a_page_that_fails_is_isolated_and_the_rest_of_its_batch_is_answered(
+    engine: HuggingFaceEngine, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One page the model cannot take fails alone; its batch-mates get what they get without it."""
+    images = [page(i) for i in range(1, 5)]
+    alone = [await engine.recognize(image, GREEDY) for image in images]
+    bad = make_marked_image(9, 168, 140)  # a size no other page has: the fault recognises it
+    original = engine._generate
+
+    def generate(group: list[_Pending]) -> list[Generation]:
+        if any(pending.image.size == bad.size for pending in group):
+            raise RuntimeError("calculated shape of the array of sliding blocks as (55, 0)")
+        return original(group)
+
+    monkeypatch.setattr(engine, "_generate", generate)
+    engine.batch_sizes.clear()
+    results = await asyncio.gather(
+        *(engine.recognize(image, GREEDY) for image in images[:2]),
+        engine.recognize(bad, GREEDY),
+        engine.recognize(images[2], GREEDY),
+        return_exceptions=True,
+    )
+    failed = results[2]
+    assert isinstance(failed, PageRejected)
+    assert "sliding blocks" not in failed.message  # the detail is logged, not sent
+    assert any("sliding blocks" in record.getMessage() for record in caplog.records)
+    assert results[:2] + results[3:] == alone[:3]  # as if the bad page had never been there
+    assert engine.batch_sizes[0] == 4
+    assert len(engine.batch_sizes) > 1
+
+    # The batcher survived: the engine keeps serving in batches.
+    engine.batch_sizes.clear()
+    assert await asyncio.gather(*(engine.recognize(image, GREEDY) for image in images)) == alone
+    assert list(engine.batch_sizes) == [4]
+
+
+async def test_out_of_memory_splits_the_batch_instead_of_failing_it(
+    engine: HuggingFaceEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch that does not fit (CUDA OOM, injected: no GPU here) is split until it fits."""
+    images = [page(i) for i in range(1, 5)]
+    alone = [await engine.recognize(image, GREEDY) for image in images]
+    original = engine._generate
+    freed: list[bool] = []
+    monkeypatch.setattr("app.engines.huggingface._free_accelerator_memory", lambda: freed.append(True))
+
+    def generate(group: list[_Pending]) -> list[Generation]:
+        if len(group) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(group)
+
+    monkeypatch.setattr(engine, "_generate", generate)
+    engine.batch_sizes.clear()
+    assert await asyncio.gather(*(engine.recognize(image, GREEDY) for image in images)) == alone
+    assert list(engine.batch_sizes) == [4, 2, 1, 1, 2, 1, 1]
+    assert len(freed) == 3  # the cache is emptied after every out-of-memory
+
+    # One page that alone does not fit fails alone, with its own error.
+    monkeypatch.setattr(engine, "_generate", lambda group: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("OOM")))
+    with pytest.raises(EngineError, match="memory") as caught:
+        await engine.recognize(images[0], GREEDY)
+    assert type(caught.value) is EngineError
+
+
+async def test_pages_thinner_than_a_merged_patch_are_padded_to_it(engine: HuggingFaceEngine) -> None:
+    """The minimum comes from the loaded processor (patch 14 x merge 2 for the tiny checkpoint)."""
+    assert engine._min_side == 28
+    for size in [(20, 1540), (1540, 10), (13, 900), (1, 1540), (27, 27), (1, 1)]:
+        assert_valid(await engine.recognize(Image.new("RGB", size, "white"), GREEDY))
 
 
 # --------------------------------------------------------------------------- shutdown

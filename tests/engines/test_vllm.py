@@ -13,7 +13,7 @@ from PIL import Image
 
 from app.engines.base import Sampling
 from app.engines.vllm import VLLMEngine
-from app.errors import EngineError, EngineTimeout, EngineUnavailable
+from app.errors import EngineError, EngineTimeout, EngineUnavailable, PageRejected
 from app.results import Generation
 from app.settings import Settings
 from tests.conftest import make_settings
@@ -123,7 +123,17 @@ def fail_first(n: int, failure: Reply) -> Callable[[StubRequest], Reply]:
     return respond
 
 
-@pytest.mark.parametrize("failure", [Reply(status=503), Reply(status=500), Reply(drop_connection=True)])
+TRANSIENT = [
+    Reply(status=503),
+    Reply(status=429, message="too many requests"),
+    Reply(status=502),  # a proxy in front of vLLM
+    Reply(status=500, message="EngineCore encountered an issue. See stack trace (above) for the root cause."),
+    Reply(status=500, message="CUDA error: out of memory"),
+    Reply(drop_connection=True),
+]
+
+
+@pytest.mark.parametrize("failure", TRANSIENT)
 @pytest.mark.parametrize("failures", [1, 3])
 async def test_transient_failures_are_retried(stub: StubVLLM, failure: Reply, failures: int) -> None:
     stub.responder = fail_first(failures, failure)
@@ -156,7 +166,7 @@ async def test_no_retries_configured_means_one_attempt(stub: StubVLLM) -> None:
     assert len(stub.requests) == 1
 
 
-@pytest.mark.parametrize("status", [400, 404, 422])
+@pytest.mark.parametrize("status", [404, 422])
 async def test_4xx_is_not_retried(stub: StubVLLM, status: int) -> None:
     """vLLM's 4xx means the request itself is wrong; sending it again cannot help."""
     stub.responder = fail_first(99, Reply(status=status, message="bad page"))
@@ -165,6 +175,43 @@ async def test_4xx_is_not_retried(stub: StubVLLM, status: int) -> None:
     assert type(caught.value) is EngineError
     assert caught.value.details["upstream_status"] == status
     assert len(stub.requests) == 1
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        Reply(status=400, message="image has invalid size"),
+        Reply(status=500, message="mode(): Expected reduction dim 0 to have non-zero size."),
+    ],
+)
+async def test_a_page_vllm_cannot_process_fails_at_once(
+    stub: StubVLLM, failure: Reply, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 400, or a 500 whose vLLM error body names a processing error, would get the same answer again."""
+    stub.responder = fail_first(99, failure)
+    with pytest.raises(PageRejected) as caught:
+        await recognize_one(settings_for(stub.base_url, vllm_max_retries=3))
+    assert caught.value.details["upstream_status"] == failure.status
+    assert len(stub.requests) == 1
+    assert failure.message is not None
+    assert failure.message not in caught.value.message  # the upstream's words go to the log only
+    assert any(failure.message in record.getMessage() for record in caplog.records)
+
+
+async def test_a_page_under_28_px_is_padded_and_what_vllm_could_not_take_is_not_retried(stub: StubVLLM) -> None:
+    """The stand-in answers 500 for a side under 28 px, as vLLM does; the engine pads, so it never sees one."""
+    thin = Image.new("RGB", (20, 600), "white")
+    settings = settings_for(stub.base_url, vllm_max_retries=3)
+    generation = await recognize_one(settings, thin)
+    assert generation.text == "image 28x600"
+    (request,) = stub.requests
+    assert (request.width, request.height, request.outcome) == (28, 600, "ok")
+
+    stub.min_side = 100  # a stricter server: the padded page is still too thin for it
+    stub.reset()
+    with pytest.raises(PageRejected):
+        await recognize_one(settings, thin)
+    assert [r.status for r in stub.requests] == [500]
 
 
 async def test_page_timeout_is_not_retried(stub: StubVLLM) -> None:
@@ -187,9 +234,25 @@ async def test_unreachable_server_is_unavailable() -> None:
         with pytest.raises(EngineUnavailable, match="unreachable") as health:
             await engine.check_health()
         assert health.value.retry_after == 7
-        with pytest.raises(EngineUnavailable, match="2 times") as page_failure:
+        with pytest.raises(EngineUnavailable, match="2 attempts") as page_failure:
             await engine.recognize(page(), sampling_of(settings))
         assert page_failure.value.retry_after == 7
+
+
+async def test_client_messages_carry_no_address_or_exception_repr(caplog: pytest.LogCaptureFixture) -> None:
+    """What a client sees says what happened; the address and the exception go to the log."""
+    url = f"http://127.0.0.1:{closed_port()}/v1"
+    settings = settings_for(url, vllm_max_retries=1)
+    async with VLLMEngine(settings) as engine:
+        with pytest.raises(EngineUnavailable) as health:
+            await engine.check_health()
+        with pytest.raises(EngineUnavailable) as page_failure:
+            await engine.recognize(page(), sampling_of(settings))
+    for error in (health.value, page_failure.value):
+        assert "127.0.0.1" not in error.message, error.message
+        assert "ConnectError" not in error.message, error.message
+    logged = [record.getMessage() for record in caplog.records]
+    assert any(url in line and "ConnectError" in line for line in logged), logged
 
 
 async def test_health_against_healthy_stub(stub: StubVLLM) -> None:

@@ -705,6 +705,24 @@ case(
     pages=1,
 )
 
+# -- pages thinner than one merged patch (28 px) once sized for the model: padded with white, answered 200
+THIN_SHAPES = ((20, 3000), (5000, 10), (13, 900), (3, 5000), (27, 27), (1, 1))
+
+
+def png_upload(width: int, height: int) -> HttpRequest:
+    return upload(make_png(width, height), "a.png")
+
+
+for _width, _height in THIN_SHAPES[:-1]:  # 1 x 1 is `png_1x1` above
+    case(
+        f"png_thin_{_width}x{_height}",
+        200,
+        None,
+        f"a {_width} x {_height} page: its short side is padded with white to 28 px, never sent as it is",
+        functools.partial(png_upload, _width, _height),
+        pages=1,
+    )
+
 # -- the other fields
 case(
     "pdf_encrypted_no_password",

@@ -17,7 +17,7 @@ from app.errors import (
     WrongPassword,
 )
 from app.intake import DocType, IntakeLimits, open_document, parse_page_selection, sniff
-from app.intake.document import LONGEST_EDGE, pdf_scale
+from app.intake.document import LONGEST_EDGE, pad_to_min_side, pdf_scale
 from tests.conftest import CORPUS, corpus_manifest
 from tests.support.documents import make_image, make_pdf, page_id_of
 
@@ -185,3 +185,20 @@ def test_every_corpus_document_renders_within_bounds() -> None:
                 scale = min(1.0, LONGEST_EDGE / max(width, height))
                 assert image.size == (max(1, round(width * scale)), max(1, round(height * scale)))
         document.close()
+
+
+@pytest.mark.parametrize("size", [(10, 1540), (1540, 3), (13, 900), (27, 27), (1, 1)])
+def test_thin_pages_are_padded_with_white_keeping_their_pixels_top_left(size: tuple[int, int]) -> None:
+    page = Image.effect_noise(size, 80).convert("RGB")
+    padded = pad_to_min_side(page, 28)
+    assert padded.size == (max(size[0], 28), max(size[1], 28))
+    assert padded.crop((0, 0, *size)).tobytes() == page.tobytes()
+    margin = [padded.getpixel((x, y)) for x in range(padded.width) for y in range(padded.height)
+              if x >= size[0] or y >= size[1]]  # fmt: skip
+    assert set(margin) == {(255, 255, 255)}
+
+
+@pytest.mark.parametrize("size", [(28, 28), (28, 1540), (850, 1100)])
+def test_pages_at_least_one_merged_patch_wide_are_untouched(size: tuple[int, int]) -> None:
+    page = Image.new("RGB", size, "white")
+    assert pad_to_min_side(page, 28) is page

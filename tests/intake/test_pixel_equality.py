@@ -160,7 +160,12 @@ def test_gray_page_is_sent_as_8_bit_gray() -> None:
 @pytest.mark.parametrize("size", [(1, 1), (1, 7), (9, 1), (3, 2)])
 def test_tiny_images_round_trip(size: tuple[int, int]) -> None:
     for page in (Image.new("RGB", size, (10, 200, 30)), Image.new("RGB", size, (77, 77, 77))):
-        assert_same_pixels(sent_image(page), page)
+        assert_same_pixels(Image.open(io.BytesIO(encode_png(page))).convert("RGB"), page)
+        # What vLLM is sent: the same pixels top left, padded with white to one 28-px merged patch.
+        sent = sent_image(page)
+        assert sent.size == (28, 28)
+        assert_same_pixels(sent.crop((0, 0, *size)), page)
+        assert sent.getpixel((27, 27)) == (255, 255, 255)
 
 
 def test_corpus_documents() -> None:

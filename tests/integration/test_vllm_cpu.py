@@ -14,6 +14,7 @@ The weights are random, so only the structure of the answers is asserted.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -27,9 +28,15 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 
+from app.engines.base import Sampling
+from app.engines.vllm import VLLMEngine
+from app.errors import PageRejected
+from app.intake.document import fit_to_model
 from app.main import create_app
 from tests.conftest import corpus_document, make_settings
+from tests.hostile.cases import THIN_SHAPES
 from tests.support.documents import make_jpeg, make_pdf, make_png
 from tests.support.server import ServedApp
 from tests.support.tiny_checkpoint import build_tiny_checkpoint
@@ -303,3 +310,73 @@ def test_wrong_model_name_is_not_ready(vllm_server: VLLMServer) -> None:
         assert SERVED_MODEL_NAME in response.json()["error"]["message"]
     finally:
         served.stop()
+
+
+# --------------------------------------------------------------------------- pages thinner than a merged patch
+
+THIN_IDS = [f"{width}x{height}" for width, height in THIN_SHAPES]
+
+
+def _page_size_for_model(width: int, height: int) -> tuple[int, int]:
+    size: tuple[int, int] = fit_to_model(Image.new("RGB", (width, height))).size
+    return size
+
+
+def _assert_read(body: dict[str, Any], shape: tuple[int, int]) -> None:
+    (page,) = body["pages"]
+    assert page["status"] != "failed", page
+    assert page.get("error") is None, page
+    assert (page["width"], page["height"]) == _page_size_for_model(*shape)  # the page's size, not the padding
+
+
+@pytest.mark.parametrize("shape", THIN_SHAPES, ids=THIN_IDS)
+def test_thin_page_alone_is_read(service: str, vllm_server: VLLMServer, shape: tuple[int, int]) -> None:
+    """Real vLLM answers 500 to a side under 28 px; the engine pads it, so the page is read."""
+    _assert_read(ocr(service, vllm_server, make_png(*shape), "thin.png"), shape)
+
+
+def test_thin_pages_among_concurrent_normal_pages_fail_nobody(service: str, vllm_server: VLLMServer) -> None:
+    normal = [(850, 1100), (600, 400), (300, 300)]
+    shapes = [*normal, *THIN_SHAPES]
+
+    def send(shape: tuple[int, int]) -> dict[str, Any]:
+        data = make_png(*shape, page_id=7) if shape in normal else make_png(*shape)
+        return ocr(service, vllm_server, data, "page.png")
+
+    with ThreadPoolExecutor(max_workers=len(shapes)) as pool:
+        bodies = list(pool.map(send, shapes))
+    for shape, body in zip(shapes, bodies, strict=True):
+        _assert_read(body, shape)
+
+
+def test_real_vllm_refusal_of_an_unpadded_thin_page_is_not_retried(
+    vllm_server: VLLMServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checks the retry rule against vLLM itself: with padding switched off, its answer to a 20 x 1540 strip
+    (a 500 with its error body, or a 400) fails the page at once with `page_rejected`, one request only."""
+    monkeypatch.setattr("app.engines.vllm.MIN_SIDE", 1)
+    settings = make_settings(
+        model_source="vllm",
+        model_name=SERVED_MODEL_NAME,
+        vllm_base_url=vllm_server.base_url,
+        max_new_tokens=MAX_NEW_TOKENS,
+        vllm_retry_backoff_s=0.1,
+        vllm_max_retries=3,
+    )
+    sampling = Sampling(settings.temperature, settings.top_p, settings.max_new_tokens)
+    posts: list[int] = []
+
+    async def attempt() -> None:
+        async with VLLMEngine(settings) as engine:
+            original = engine._post
+
+            async def counted(payload: dict[str, Any]) -> Any:
+                posts.append(1)
+                return await original(payload)
+
+            monkeypatch.setattr(engine, "_post", counted)
+            with pytest.raises(PageRejected):
+                await engine.recognize(Image.new("RGB", (20, 1540), "white"), sampling)
+
+    asyncio.run(attempt())
+    assert len(posts) == 1, f"retried {len(posts) - 1} times\n--- vLLM log ---\n{vllm_server.log_tail()}"

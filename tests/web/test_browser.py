@@ -217,7 +217,7 @@ def test_errors_before_and_during_the_stream_are_shown_in_words(
     page.fill("#pages", "1-2")
     page.click("#run")  # streamed, then every page fails: an `error` event ends the stream
     expect(page.locator(".page")).to_have_count(2)
-    expect(error).to_have_attribute("data-code", "engine_error")  # every page failed the same way: that error
+    expect(error).to_have_attribute("data-code", "page_rejected")  # every page failed the same way: that error
     expect(error).not_to_be_empty()
     expect(page.locator('.page[data-page="1"] .markdown')).to_contain_text("This page failed")
     expect(page.locator('.page[data-page="1"] figure img')).to_be_visible()  # the image still shows
