@@ -130,7 +130,7 @@ def test_partial_then_failed(stub: StubVLLM, jobs_service: Callable[..., str]) -
     # Every page failed the same way: the job ends with the pages' own error, as /api/inference answers.
     inference = httpx.post(f"{url}/api/inference", files={"file": ("a.pdf", make_pdf(3, SMALL))}, timeout=30)
     assert inference.status_code == 502
-    assert failed["error"]["code"] == inference.json()["error"]["code"] == "engine_error"
+    assert failed["error"]["code"] == inference.json()["error"]["code"] == "page_rejected"
     assert failed["error"]["details"] == inference.json()["error"]["details"]
     assert failed["error"]["details"]["upstream_status"] == 400
 
