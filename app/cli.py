@@ -215,6 +215,18 @@ def _write(item: Item, text: str) -> None:
     item.written = True
 
 
+def _page_numbers(numbers: list[int]) -> str:
+    """`page 4`, `pages 2, 5`, `pages 1-60, 62`: runs of three or more as ranges, so long documents stay short."""
+    runs: list[list[int]] = []
+    for number in numbers:
+        if runs and number == runs[-1][-1] + 1:
+            runs[-1].append(number)
+        else:
+            runs.append([number])
+    parts = [f"{run[0]}-{run[-1]}" if len(run) > 2 else ", ".join(map(str, run)) for run in runs]
+    return f"{'pages' if len(numbers) > 1 else 'page'} {', '.join(parts)}"
+
+
 def _pages_note(result: DocumentResult) -> str:
     """`3 pages`, or `3 pages, partial: pages 1, 2 truncated; page 3 failed` (numbers, not counts)."""
     note = f"{len(result.pages)} page{'' if len(result.pages) == 1 else 's'}"
@@ -223,10 +235,7 @@ def _pages_note(result: DocumentResult) -> str:
         if page.status not in ("ok", "retried"):
             by_status.setdefault(page.status, []).append(page.page)
     if by_status:
-        parts = [
-            f"{'pages' if len(numbers) > 1 else 'page'} {', '.join(map(str, numbers))} {status}"
-            for status, numbers in by_status.items()
-        ]
+        parts = [f"{_page_numbers(numbers)} {status}" for status, numbers in by_status.items()]
         note += f", {result.status}: {'; '.join(parts)}"
     return note
 

@@ -210,6 +210,30 @@ def test_server_without_streaming_falls_back_to_json(inputs: dict[str, Path], wo
     assert (workdir / "b.txt").read_text() == "Old\n"
 
 
+def test_server_busy_is_asked_again_after_retry_after(inputs: dict[str, Path], workdir: Path) -> None:
+    """429/503 with Retry-After: wait as told and send again, instead of failing the file."""
+    page = PageResult(
+        page=1, text="# Late", width=10, height=10, finish_reason="stop", tokens=2, seconds=0.1, status="ok", attempts=1
+    )
+    document = DocumentResult(status="ok", text="# Late", blocks=[], model_version="m", pages=[page])
+    answers = [(429, "rate_limited"), (503, "overloaded")]
+
+    async def inference(request: Request) -> JSONResponse:
+        await request.body()
+        if answers:
+            status, code = answers.pop(0)
+            error = {"error": {"code": code, "message": "busy"}}
+            return JSONResponse(error, status_code=status, headers={"Retry-After": "0"})
+        return JSONResponse(document.model_dump(mode="json"))
+
+    app = Starlette(routes=[Route("/api/inference", inference, methods=["POST"])])
+    with ServedApp(app, lifespan="off") as served:
+        result = invoke("ocr", str(inputs["b"]), "--server", served.url)
+    assert result.exit_code == 0, result.output
+    assert answers == []
+    assert (workdir / "b.md").read_text() == "# Late\n"
+
+
 def test_unreachable_server(inputs: dict[str, Path]) -> None:
     result = invoke("ocr", str(inputs["b"]), "--server", "http://127.0.0.1:9")
     assert result.exit_code == 1
@@ -260,14 +284,18 @@ def test_server_url_with_another_scheme_is_bad_usage(inputs: dict[str, Path]) ->
     assert "expected host:port or an http(s):// URL" in result.stderr
 
 
-def test_partial_document_names_its_pages(
-    inputs: dict[str, Path], workdir: Path, stub: StubVLLM, vllm_service: ServiceFactory
-) -> None:
-    stub.responder = lambda request: Reply(text=f"cut {page_id_of(request.image)}", finish_reason="length")
+def test_partial_document_names_its_pages(workdir: Path, stub: StubVLLM, vllm_service: ServiceFactory) -> None:
+    """Page numbers, not counts: runs of three or more as ranges."""
+    cut = {1, 2, 3, 5, 6}
+    stub.responder = lambda request: Reply(
+        text=f"page {page_id_of(request.image)}",
+        finish_reason="length" if page_id_of(request.image) in cut else "stop",
+    )
+    (workdir / "long.pdf").write_bytes(make_pdf(6, PAGE_PT))
     url = vllm_service(retry_temperatures="")
-    result = invoke("ocr", str(inputs["a"]), "--server", url)
+    result = invoke("ocr", "long.pdf", "--server", url)
     assert result.exit_code == 0, result.output  # written, marked `!`
-    assert "(3 pages, partial: pages 1, 2, 3 truncated)" in result.stderr
+    assert "(6 pages, partial: pages 1-3, 5, 6 truncated)" in result.stderr
 
 
 def test_a_directory_reads_the_documents_inside_it(workdir: Path, vllm_service: ServiceFactory) -> None:
@@ -357,7 +385,7 @@ def test_info_in_process_without_loading(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_info_from_server(vllm_service: ServiceFactory) -> None:
     url = vllm_service()
-    result = invoke("info", "--server", url, "--json")
+    result = invoke("info", "--server", url.removeprefix("http://"), "--json")  # host:port means http
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout) == httpx.get(f"{url}/info").json()
 
