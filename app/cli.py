@@ -555,8 +555,8 @@ def ocr(
 
 @cli.command()
 def serve(
-    host: Annotated[str | None, typer.Option(help="Address to listen on. Default: HOST.")] = None,
-    port: Annotated[int | None, typer.Option(help="Port to listen on. Default: PORT.")] = None,
+    host: Annotated[str | None, typer.Option(metavar="ADDRESS", help="Address to listen on. Default: HOST.")] = None,
+    port: Annotated[int | None, typer.Option(metavar="PORT", help="Port to listen on. Default: PORT.")] = None,
 ) -> None:
     """Run the HTTP service with the current settings (SIGTERM: SHUTDOWN_GRACE_S for in-flight requests)."""
     import uvicorn

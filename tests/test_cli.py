@@ -360,8 +360,10 @@ def test_version_and_plain_help() -> None:
     assert "Usage: lightonocr ocr [OPTIONS] FILE|DIR...\n" in help_text
     for words in ("-o, --output-dir DIR", "--jobs N", "--password-file FILE", "--server URL", "LIGHTONOCR_API_KEY"):
         assert words in help_text
-    for noise in ("<list", "<str>", "<path>", "<int>", "<bool>", "TEXT", "PATH", "INTEGER"):
-        assert noise not in help_text
+    for command in ("ocr", "info", "serve"):
+        help_text = invoke(command, "--help").stdout
+        for noise in ("<list", "<str>", "<path>", "<int>", "<bool>", "TEXT", "PATH", "INTEGER"):
+            assert noise not in help_text, (command, noise)
 
 
 # -- info ------------------------------------------------------------------------------------
