@@ -12,12 +12,15 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import FrameType
+from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, Response
 
 from app import __version__
+from app.allocator import tune_allocator
 from app.api.errors import (
     document_validation_errors,
     error_responses,
@@ -28,7 +31,7 @@ from app.api.errors import (
 from app.api.jobs import router as jobs_router
 from app.api.middleware import RequestMiddleware
 from app.api.routes import router
-from app.api.security import ApiKeyMiddleware
+from app.api.security import ApiKeyMiddleware, is_open
 from app.engines import Engine
 from app.jobs import JobRunner
 from app.logs import setup_logging
@@ -71,6 +74,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # our own /docs below: Swagger UI from the package, not a CDN
+        redoc_url=None,  # ReDoc would load from a CDN and Google Fonts; /docs covers it
     )
     install_error_handlers(app)
     document_validation_errors(app)
@@ -79,6 +84,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     install_web(app)  # GET /, /static/*, POST /web/render
     _install_metrics(app, metrics)
     keys = settings.load_api_keys()
+    _install_docs(app, bearer=bool(keys))
     if keys:
         app.add_middleware(ApiKeyMiddleware, keys=keys)
     app.add_middleware(RequestMiddleware, metrics=metrics, routes=app.routes)  # request id, metrics, access log
@@ -97,11 +103,61 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 DESCRIPTION = (
     "OCR for PDFs, scans and photos into clean markdown with LightOnOCR-2-1B.\n\n"
     "**Keys.** When API keys are configured, every route but `/health` and `/ready` needs "
-    "`Authorization: Bearer <key>`.\n\n"
+    "`Authorization: Bearer <key>` (these docs, `/openapi.json` and the web page open without one; "
+    "use **Authorize** to send it from here).\n\n"
     "**Request ids.** Send `X-Request-ID` (printable ASCII, at most 128 characters) or get a generated one; "
     "it is returned in the `X-Request-ID` header and stamped on every log line of the request.\n\n"
     '**Errors** all have the shape `{"error": {"code", "message", "details"?}}`; branch on `code`:\n\n' + error_table()
 )
+
+
+SWAGGER_ASSETS = "/static/vendor/swagger-ui"  # vendored from npm (app/web/static/vendor/VENDOR.md)
+
+
+def _install_docs(app: FastAPI, *, bearer: bool) -> None:
+    """Swagger UI at /docs from vendored assets, so it renders offline; open without a key, like /openapi.json.
+
+    Neither holds data (app.api.security); the calls made from the page still need the key, which
+    Swagger UI's "Authorize" button sends as `Authorization: Bearer` when keys are on.
+    """
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        prefix = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(
+            openapi_url=prefix + (app.openapi_url or "/openapi.json"),
+            title=f"{app.title} - API docs",
+            swagger_js_url=f"{prefix}{SWAGGER_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{prefix}{SWAGGER_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{prefix}{SWAGGER_ASSETS}/favicon-32x32.png",
+            oauth2_redirect_url=None,
+            # Swagger UI would otherwise send the schema to validator.swagger.io for a badge.
+            swagger_ui_parameters={"validatorUrl": None},
+        )
+
+    if bearer:
+        _document_bearer_auth(app)
+
+
+def _document_bearer_auth(app: FastAPI) -> None:
+    """Declare the Bearer key in the OpenAPI schema: Swagger UI then shows "Authorize" and sends the key."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+        schemes["ApiKey"] = {"type": "http", "scheme": "bearer", "description": "One of API_KEYS / API_KEYS_FILE."}
+        schema["security"] = [{"ApiKey": []}]
+        for path, operations in schema.get("paths", {}).items():
+            for method, operation in operations.items():
+                if is_open(path, method.upper()):
+                    operation["security"] = []  # the probes
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _install_metrics(app: FastAPI, metrics: Metrics) -> None:
@@ -158,6 +214,7 @@ def refuse_several_workers(workers: int) -> None:
         )
 
 
+tune_allocator()  # the Docker image's MALLOC_MMAP_THRESHOLD_, whatever starts the service
 try:
     refuse_several_workers(uvicorn_workers())
     app = create_app()

@@ -1,4 +1,4 @@
-"""API keys: `Authorization: Bearer <key>` on every route but the probes and the web page's static shell.
+"""API keys: `Authorization: Bearer <key>` on every route but the probes, the web page's static shell and the API docs.
 
 Keys are compared in constant time against every configured key, and never
 logged: requests are attributed to `key:<sha256 prefix>` for per-client limits.
@@ -18,7 +18,9 @@ from app.errors import Unauthorized
 OPEN_PATHS = frozenset({"/health", "/ready"})
 # The web page and its assets load without a key so the page can ask for one; they hold
 # no data. Everything the page calls (/api/inference, /web/render) still needs the key.
-OPEN_PAGE_PATHS = frozenset({"/"})
+# The same goes for the API docs: /docs (Swagger UI, its assets under /static) and the
+# schema it reads describe the API, and every call made from them needs the key.
+OPEN_PAGE_PATHS = frozenset({"/", "/docs", "/openapi.json"})
 OPEN_PAGE_PREFIX = "/static/"
 
 
