@@ -10,7 +10,6 @@ Progress and messages go to stderr, so stdout stays clean for scripts.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -41,6 +40,7 @@ from typer.core import TyperArgument, TyperCommand, TyperOption
 
 from app import __version__
 from app.errors import OCRError
+from app.events import ErrorEvent, ProgressEvent, ResultEvent, StartEvent, parse_event
 from app.results import DocumentResult
 from app.settings import Settings, SettingsError, get_settings
 from app.text import markdown_to_text
@@ -373,17 +373,15 @@ async def _post(
             async for line in response.aiter_lines():
                 if not line.strip():
                     continue
-                event: dict[str, Any] = json.loads(line)
-                kind = event.get("event")
-                if kind == "start":
-                    progress.update(task, total=event["total"])
-                elif kind == "progress":
-                    progress.update(task, total=event["total"], completed=event["done"])
-                elif kind == "result":
-                    return DocumentResult.model_validate(event["result"])
-                elif kind == "error":
-                    error = event["error"]
-                    raise Failure(f"{error['code']}: {error['message']}")
+                event = parse_event(line)  # the server's own event models (app/events.py)
+                if isinstance(event, StartEvent):
+                    progress.update(task, total=event.total)
+                elif isinstance(event, ProgressEvent):
+                    progress.update(task, total=event.total, completed=event.done)
+                elif isinstance(event, ResultEvent):
+                    return event.result
+                elif isinstance(event, ErrorEvent):
+                    raise Failure(f"{event.error.code}: {event.error.message}")
             raise Failure("the server's stream ended without a result")
     raise AssertionError("unreachable")
 

@@ -2,7 +2,10 @@
 
 Every failure a caller can see is an `OCRError`: it carries the HTTP status it
 maps to and a stable machine-readable `code`, so the web layer needs a single
-handler and clients can branch on `code` without parsing messages.
+handler and clients can branch on `code` without parsing messages. Each class's
+docstring says first when it is raised: the API description's error table is built
+from those sentences (app/api/openapi.py), and a test checks the README's table
+lists every code.
 
     OCRError (500 internal_error)
     ├── BadRequest (400 bad_request)
@@ -31,6 +34,7 @@ handler and clients can branch on `code` without parsing messages.
     │   └── EngineTimeout (504 engine_timeout)
     ├── RequestTimeout (504 request_timeout)
     ├── JobNotFound (404 job_not_found: unknown, another key's, or expired)
+    ├── PageNotFound (404 page_not_found)
     ├── JobConflict (409 job_conflict)
     │   ├── JobNotFinished (409 job_not_finished)
     │   ├── JobFailed (409 job_failed)
@@ -53,6 +57,8 @@ from typing import Any, ClassVar
 
 
 class OCRError(Exception):
+    """An unexpected failure; the incident was logged."""
+
     status: ClassVar[int] = 500
     code: ClassVar[str] = "internal_error"
 
@@ -69,165 +75,244 @@ class OCRError(Exception):
 
 
 class BadRequest(OCRError):
+    """The request cannot be understood."""
+
     status = 400
     code = "bad_request"
 
 
 class MalformedRequest(BadRequest):
+    """Not `multipart/form-data`, or a broken multipart body."""
+
     code = "malformed_request"
 
 
 class MultipleFiles(BadRequest):
+    """More than one `file` part."""
+
     code = "multiple_files"
 
 
 class MissingFile(BadRequest):
+    """No `file` field (details: `received_as` when a file came under another field name)."""
+
     status = 422
     code = "missing_file"
 
 
 class UnknownField(BadRequest):
-    """A form field or query parameter the route does not take (e.g. `page` for `pages`): refused, not ignored."""
+    """A form field or query parameter the route does not take (details: `fields`, `accepted`).
+
+    E.g. `page` for `pages`: refused, not ignored.
+    """
 
     status = 422
     code = "unknown_field"
 
 
 class InvalidCallbackUrl(BadRequest):
+    """The callback URL is not acceptable."""
+
     status = 422
     code = "invalid_callback_url"
 
 
 class UploadTimeout(OCRError):
+    """No byte of the upload for `UPLOAD_IDLE_TIMEOUT_S`, or it took longer than `UPLOAD_TIMEOUT_S`."""
+
     status = 408
     code = "upload_timeout"
 
 
 class ClientDisconnected(OCRError):
+    """The client closed the connection before its answer; nobody receives it (its pages are dropped)."""
+
     status = 499
     code = "client_closed_request"
 
 
 class PayloadTooLarge(OCRError):
+    """The file is over `MAX_FILE_SIZE_MB` (detected while reading)."""
+
     status = 413
     code = "file_too_large"
 
 
 class FieldTooLarge(PayloadTooLarge):
+    """A form field is over `MAX_FIELD_SIZE_KB`."""
+
     code = "field_too_large"
 
 
 class UnsupportedMediaType(OCRError):
+    """The bytes are not a supported document type."""
+
     status = 415
     code = "unsupported_media_type"
 
 
 class DocumentError(OCRError):
+    """The document cannot be read."""
+
     status = 422
     code = "invalid_document"
 
 
 class EmptyDocument(DocumentError):
+    """Empty file, or a PDF with no pages."""
+
     code = "empty_document"
 
 
 class CorruptDocument(DocumentError):
+    """The PDF or image cannot be read."""
+
     code = "corrupt_document"
 
 
 class PasswordRequired(DocumentError):
+    """Encrypted PDF without `password`."""
+
     code = "password_required"
 
 
 class WrongPassword(DocumentError):
+    """Encrypted PDF with a wrong `password`."""
+
     code = "wrong_password"
 
 
 class TooManyPages(DocumentError):
+    """More pages selected than `MAX_PAGES`."""
+
     code = "too_many_pages"
 
 
 class ImageTooLarge(DocumentError):
+    """More pixels than `MAX_IMAGE_PIXELS`."""
+
     code = "image_too_large"
 
 
 class InvalidPages(DocumentError):
+    """Bad `pages` value, or a page past the end."""
+
     code = "invalid_pages"
 
 
 class EngineError(OCRError):
-    """The engine answered, but not with a usable result."""
+    """The engine failed on the only page (repeated 5xx, bad answer).
+
+    The engine answered, but not with a usable result.
+    """
 
     status = 502
     code = "engine_error"
 
 
 class PageRejected(EngineError):
-    """The model cannot process this one page (vLLM's 400, or its 500 for a processing error on this
-    input; a page that fails alone in the `huggingface` engine). Not retried: the answer would not change.
+    """The model cannot process this page (vLLM 400, or 500 for this input); not retried.
+
+    vLLM's 400, or its 500 for a processing error on this input; a page that fails alone in the
+    `huggingface` engine. Not retried: the answer would not change.
     """
 
     code = "page_rejected"
 
 
 class EngineTimeout(EngineError):
+    """A page took longer than `VLLM_PAGE_TIMEOUT_S`."""
+
     status = 504
     code = "engine_timeout"
 
 
 class DocumentFailed(EngineError):
-    """Too many pages failed for the document to count as read (MAX_FAILED_PAGE_RATIO)."""
+    """More than `MAX_FAILED_PAGE_RATIO` of the pages failed.
+
+    Too many pages failed for the document to count as read (MAX_FAILED_PAGE_RATIO).
+    """
 
     code = "document_failed"
 
 
 class RequestTimeout(OCRError):
+    """The pages did not finish within `REQUEST_TIMEOUT_S` (details: pages done/total)."""
+
     status = 504
     code = "request_timeout"
 
 
 class JobNotFound(OCRError):
+    """Unknown job, another key's job, or an expired one."""
+
     status = 404
     code = "job_not_found"
 
 
+class PageNotFound(OCRError):
+    """The page is not one of the job's pages (`GET /api/jobs/{id}/pages/{n}/image`).
+
+    `details.pages` lists the job's pages.
+    """
+
+    status = 404
+    code = "page_not_found"
+
+
 class JobConflict(OCRError):
-    """The job exists but is not in a state that allows the request."""
+    """The job is not in a state that allows the request.
+
+    The job exists but is not in a state that allows the request.
+    """
 
     status = 409
     code = "job_conflict"
 
 
 class JobNotFinished(JobConflict):
+    """The job has no result yet."""
+
     code = "job_not_finished"
 
 
 class JobFailed(JobConflict):
-    """GET /api/jobs/{id}/result of a job that ended `failed`; `details.error` is the job's error."""
+    """The job failed; its error says why.
+
+    GET /api/jobs/{id}/result of a job that ended `failed`; `details.error` is the job's error.
+    """
 
     code = "job_failed"
 
 
 class JobCancelled(JobConflict):
-    """GET /api/jobs/{id}/result of a cancelled job: it has no result (its finished pages are in the job)."""
+    """The job was cancelled: it has no result (its finished pages are in `GET /api/jobs/{id}`).
+
+    GET /api/jobs/{id}/result of a cancelled job: it has no result (its finished pages are in the job).
+    """
 
     code = "job_cancelled"
 
 
 class JobsStorageFull(OCRError):
-    """JOBS_MAX_BYTES reached: nothing more is stored until older jobs expire."""
+    """Job storage is full until older jobs expire.
+
+    JOBS_MAX_BYTES reached: nothing more is stored until older jobs expire.
+    """
 
     status = 507
     code = "jobs_storage_full"
 
 
 class Unauthorized(OCRError):
+    """API keys are on and the key is missing or wrong (with `WWW-Authenticate`)."""
+
     status = 401
     code = "unauthorized"
 
 
 class Retryable(OCRError):
-    """Temporary: the caller should retry after `retry_after` seconds (sent as Retry-After)."""
+    """Temporary: the caller should retry after `retry_after` seconds (sent as Retry-After). Never raised itself."""
 
     def __init__(self, message: str, *, retry_after: int = 5, **details: Any) -> None:
         super().__init__(message, **details)
@@ -235,37 +320,55 @@ class Retryable(OCRError):
 
 
 class TooManyRequests(Retryable):
+    """The client is over a per-client limit (with `Retry-After`)."""
+
     status = 429
     code = "too_many_requests"
 
 
 class RateLimited(TooManyRequests):
+    """The client is over `RATE_LIMIT_PAGES_PER_MIN` (with `Retry-After`)."""
+
     code = "rate_limited"
 
 
 class TooManyPagesInFlight(TooManyRequests):
+    """The client is over `KEY_MAX_PAGES_IN_FLIGHT` (with `Retry-After`)."""
+
     code = "too_many_pages_in_flight"
 
 
 class ServiceUnavailable(Retryable):
+    """The service cannot take work now (with `Retry-After`)."""
+
     status = 503
     code = "service_unavailable"
 
 
 class Overloaded(ServiceUnavailable):
+    """More than `MAX_QUEUED_PAGES` pages waiting (with `Retry-After`)."""
+
     code = "overloaded"
 
 
 class EngineNotReady(ServiceUnavailable):
+    """The model is still loading (with `Retry-After`)."""
+
     code = "engine_not_ready"
 
 
 class EngineUnavailable(ServiceUnavailable):
+    """The model failed to load, vLLM is unreachable or serves another model (with `Retry-After`)."""
+
     code = "engine_unavailable"
 
 
 class ShuttingDown(ServiceUnavailable):
-    """The server stopped before this request finished (SIGTERM, and SHUTDOWN_GRACE_S ran out): retry it."""
+    """The server stopped before the request finished (SIGTERM past `SHUTDOWN_GRACE_S`; with `Retry-After`); a stream
+    ends with this `error` event.
+
+    The server stopped before this request finished (SIGTERM, and SHUTDOWN_GRACE_S ran out): retry it.
+    """
 
     code = "shutting_down"
 

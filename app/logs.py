@@ -20,11 +20,12 @@ import types
 from collections.abc import Sequence
 from contextvars import ContextVar
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
+
+from app.settings import LogFormat
 
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 
-LogFormat = Literal["json", "text"]
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
 # uvicorn adds `color_message` (the message with ANSI colours): dropped too.
@@ -157,7 +158,7 @@ class _RoutingLoader(importlib.abc.Loader):
             route_third_party_loggers()
 
 
-def setup_logging(fmt: LogFormat = "text", level: str = "INFO") -> None:
+def setup_logging(fmt: LogFormat | str = LogFormat.TEXT, level: str = "INFO") -> None:
     """Install the service's handler on the root logger, replacing only a previous one of ours.
 
     Other handlers (pytest's, an embedding application's) are left alone. Third-party

@@ -17,25 +17,20 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import HTMLResponse
 
 from app import __version__
 from app.allocator import tune_allocator
-from app.api.errors import (
-    document_validation_errors,
-    error_responses,
-    error_table,
-    finish_cut_requests,
-    install_error_handlers,
-)
+from app.api.errors import finish_cut_requests, install_error_handlers
 from app.api.jobs import router as jobs_router
 from app.api.middleware import RequestMiddleware
+from app.api.openapi import document_validation_errors, error_table
 from app.api.routes import router
 from app.api.security import ApiKeyMiddleware, is_open
 from app.engines import Engine
 from app.jobs import JobRunner
 from app.logs import setup_logging
-from app.metrics import CONTENT_TYPE, Metrics
+from app.metrics import Metrics
 from app.service import OCRService
 from app.settings import Settings, SettingsError, check_jobs_db, get_settings
 from app.web import install_web
@@ -82,7 +77,6 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(router)
     app.include_router(jobs_router)  # /api/jobs
     install_web(app)  # GET /, /static/*, POST /web/render
-    _install_metrics(app, metrics)
     keys = settings.load_api_keys()
     _install_docs(app, bearer=bool(keys))
     if keys:
@@ -158,23 +152,6 @@ def _document_bearer_auth(app: FastAPI) -> None:
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-
-
-def _install_metrics(app: FastAPI, metrics: Metrics) -> None:
-    @app.get(
-        "/metrics",
-        summary="Prometheus metrics",
-        description="Requests by route and status, pages by status, page latency and tokens, retries, repetition "
-        "loops, bytes received, queue depth and engine pages in flight, in Prometheus' text format. Needs a key "
-        "when keys are on.",
-        response_class=Response,
-        responses={
-            200: {"description": "Prometheus text exposition format.", "content": {"text/plain": {}}},
-            **error_responses(401),
-        },
-    )
-    async def prometheus_metrics() -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
 
 # uvicorn's exit status for "failed before serving": its `--workers` supervisor stops

@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +28,7 @@ from app.settings import get_settings
 from app.text import markdown_to_text
 from tests.conftest import ServiceFactory
 from tests.support.documents import make_pdf, make_png, page_id_of
+from tests.support.http import free_port
 from tests.support.openai_stub import Reply, StubRequest, StubVLLM, default_responder
 from tests.support.server import ServedApp
 
@@ -393,13 +393,6 @@ def test_info_from_server(vllm_service: ServiceFactory) -> None:
 
 
 # -- serve -----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def test_serve_runs_the_service_with_json_logs(stub: StubVLLM, workdir: Path) -> None:

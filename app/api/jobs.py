@@ -8,6 +8,7 @@ other keys get 404 for it, as for an unknown id.
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Literal
 
 import anyio
@@ -15,14 +16,16 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field
 
-from app.api.errors import error_responses
-from app.api.routes import Service, read_document, upload_schema
+from app.api.deps import Service, read_document
+from app.api.openapi import error_responses, upload_schema
 from app.api.security import client_id
-from app.errors import InvalidPages, JobCancelled, JobFailed, JobNotFinished, JobNotFound, OCRError
+from app.errors import JobCancelled, JobFailed, JobNotFinished, JobNotFound, OCRError, PageNotFound
 from app.imaging import page_png
 from app.jobs import JobDetail, JobRecord, JobRunner, JobSummary, NewJob, summarize, validate_callback_url
 from app.results import DocumentResult
 from app.text import markdown_to_text
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/api/jobs", tags=["jobs"])
 
@@ -182,12 +185,12 @@ async def get_result(
     summary="The PNG the model saw for page `page` (1-based)",
     description="Rendered again from the stored document by the same intake code, so it is the exact image "
     "that was (or will be) sent to the model.",
-    responses={**error_responses(401, 404, 422), 200: {"content": {"image/png": {}}}},
+    responses={**error_responses(401, 404), 200: {"content": {"image/png": {}}}},
 )
 async def get_page_image(request: Request, service: Service, runner: Runner, job_id: str, page: int) -> Response:
     record = await _job(request, runner, job_id)
     if page not in record.pages:
-        raise InvalidPages(f"page {page} is not part of job {job_id}", page=page, pages=record.pages)
+        raise PageNotFound(f"page {page} is not one of job {job_id}'s pages", page=page, pages=record.pages)
     data = await runner.store.document(record.id)
     if data is None:
         raise JobNotFound(f"no job {job_id!r} (unknown, expired, or not yours)", job_id=job_id)
@@ -202,14 +205,23 @@ async def get_page_image(request: Request, service: Service, runner: Runner, job
 @router.delete(
     "/{job_id}",
     response_model=JobSummary,
-    summary="Cancel a job",
+    summary="Cancel a job, or delete it for good",
     description="Pages not started never reach the engine; finished pages are kept and the job ends `cancelled`. "
-    "A job that already ended is returned unchanged.",
+    "A job that already ended is returned unchanged. With `purge=true` the job (cancelled first if it had not "
+    "ended) is then deleted at once with its document, password and pages, instead of JOBS_TTL_HOURS after it "
+    "ended: the answer is its last summary, and the id is 404 from then on.",
     responses=error_responses(401, 404),
 )
-async def cancel_job(request: Request, runner: Runner, job_id: str) -> JobSummary:
+async def cancel_job(
+    request: Request,
+    runner: Runner,
+    job_id: str,
+    purge: Annotated[bool, Query(description="Also delete the job, its document and password now.")] = False,
+) -> JobSummary:
     await _job(request, runner, job_id)
     record = await runner.cancel(job_id)
-    if record is None:
+    if record is None or (purge and not await runner.store.delete(job_id)):
         raise JobNotFound(f"no job {job_id!r} (unknown, expired, or not yours)", job_id=job_id)
+    if purge:
+        log.info("job %s deleted on request (purge)", job_id)
     return summarize(record, runner.clock())

@@ -1,4 +1,4 @@
-"""Routes: inference, info and the two probes."""
+"""Routes: inference, info, metrics and the two probes."""
 
 from __future__ import annotations
 
@@ -6,23 +6,24 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.types import Message, Receive, Scope, Send
 
 from app import __version__
-from app.api.errors import error_responses, shutting_down
+from app.api.deps import Service, read_document, until_disconnect
+from app.api.errors import shutting_down
+from app.api.openapi import error_responses, upload_schema
 from app.api.security import client_id
-from app.api.upload import Upload, read_upload
 from app.errors import ClientDisconnected, ServiceUnavailable
 from app.events import ErrorEvent, ErrorInfo, Event
 from app.intake import DocType
 from app.jobs import JobRunner
+from app.metrics import CONTENT_TYPE
 from app.results import DocumentResult
-from app.service import OCRService
 from app.streaming import ndjson, server_sent, with_heartbeat
 
 API_VERSION = "1.0"
@@ -30,35 +31,6 @@ API_VERSION = "1.0"
 log = logging.getLogger(__name__)
 
 router = APIRouter()
-
-
-def get_service(request: Request) -> OCRService:
-    service: OCRService = request.app.state.service
-    return service
-
-
-Service = Annotated[OCRService, Depends(get_service)]
-
-
-def upload_schema(**fields: dict[str, Any]) -> dict[str, Any]:
-    """OpenAPI body of the document upload (`file`, `pages`, `password`), plus route-specific fields."""
-    properties: dict[str, Any] = {
-        "file": {
-            "type": "string",
-            "format": "binary",
-            "description": "PDF, PNG, JPEG, TIFF, WebP, BMP or GIF (type read from the bytes).",
-        },
-        "pages": {
-            "type": "string",
-            "description": "1-based pages to read, e.g. `1-3,7` or `5-`. Default: all.",
-            "examples": ["1-3,7"],
-        },
-        "password": {"type": "string", "description": "Password of an encrypted PDF."},
-        **fields,
-    }
-    # Other fields are refused (422 unknown_field): `read_upload` accepts exactly these properties.
-    schema = {"type": "object", "required": ["file"], "properties": properties, "additionalProperties": False}
-    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
 
 _STREAM_FORMATS: dict[str, Callable[[Event], bytes]] = {
@@ -173,47 +145,6 @@ class EventStream(StreamingResponse):
             await self._on_close()
 
 
-async def read_document(request: Request, service: OCRService) -> Upload:
-    settings = service.settings
-    return await read_upload(
-        request,
-        max_file_bytes=settings.max_file_bytes,
-        max_field_bytes=settings.max_field_size_kb * 1024,
-        timeout_s=settings.upload_timeout_s,
-        idle_timeout_s=settings.upload_idle_timeout_s,
-    )
-
-
-T = TypeVar("T")
-
-
-async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
-    """Run `work`, cancelling it if the client disconnects (call after the body was read)."""
-
-    async def disconnected() -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(disconnected())
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        task.cancel()
-        # Let the work unwind before the caller's own cleanup runs (it may release what the work still uses).
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
-        raise
-    finally:
-        watcher.cancel()
-    if task in done:
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    raise ClientDisconnected("the client disconnected; its remaining pages were dropped")
-
-
 class Limits(BaseModel):
     max_file_size_mb: float = Field(description="Largest upload in MiB (MAX_FILE_SIZE_MB).", examples=[10.0])
     max_pages: int = Field(description="Most pages per request after selection (MAX_PAGES).", examples=[100])
@@ -307,3 +238,19 @@ async def ready(request: Request, service: Service) -> Status | JSONResponse:
     if jobs is not None:
         jobs.check_alive()
     return Status()
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    description="Requests by route and status, pages by status, page latency and tokens, retries, repetition "
+    "loops, bytes received, queue depth and engine pages in flight, in Prometheus' text format. Needs a key "
+    "when keys are on.",
+    response_class=Response,
+    responses={
+        200: {"description": "Prometheus text exposition format.", "content": {"text/plain": {}}},
+        **error_responses(401),
+    },
+)
+async def prometheus_metrics(service: Service) -> Response:
+    return Response(service.metrics.render(), media_type=CONTENT_TYPE)

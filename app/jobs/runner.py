@@ -29,7 +29,8 @@ from typing import Any
 import anyio
 
 from app.errors import OCRError, Retryable, ServiceUnavailable
-from app.jobs.store import JobRecord, JobStatus, JobStore, SqliteJobStore, summarize
+from app.jobs.store import JobRecord, JobStatus, JobStore, SqliteJobStore
+from app.jobs.views import summarize
 from app.jobs.webhooks import WebhookSender
 from app.logs import request_id
 from app.service import OCRService
@@ -199,6 +200,7 @@ class JobRunner:
         if data is None:  # deleted meanwhile
             return
         wait = _FIRST_RETRY_S
+        waiting_on: str | None = None
         while True:
             try:
                 if not await self._attempt(record, data):
@@ -206,7 +208,10 @@ class JobRunner:
                 break
             except Retryable as exc:
                 wait = min(wait * 2, float(exc.retry_after))
-                log.info("job %s waits %.1fs: %s (%s)", record.id, wait, exc.code, exc.message)
+                if exc.code != waiting_on:  # one line and one summary update per wait, not one per retry
+                    waiting_on = exc.code
+                    log.warning("job %s waits: %s (%s); retrying until it clears", record.id, exc.code, exc.message)
+                    await self.store.set_waiting(record.id, {"code": exc.code, "message": exc.message})
                 await asyncio.sleep(wait)
             except OCRError as exc:  # the document no longer passes (say, MAX_PAGES was lowered)
                 await self._finish(record.id, "failed", exc.to_dict())

@@ -24,13 +24,11 @@ import time
 import uuid
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
 import anyio
-from pydantic import BaseModel, Field
 
 from app.blocks import parse_blocks
 from app.errors import JobsStorageFull
@@ -76,6 +74,7 @@ class JobRecord:
     webhook: WebhookState | None
     webhook_attempts: int
     stored_bytes: int
+    waiting: dict[str, Any] | None = None  # {code, message, since}: why the job is not moving, since when
 
     @property
     def pages_total(self) -> int:
@@ -91,62 +90,6 @@ class JobRecord:
             return None
         rate = self.pages_done_in_run / max(now - self.run_started_at, 1e-6)
         return round((self.pages_total - self.pages_done) / rate, 1)
-
-
-class JobError(BaseModel):
-    code: str = Field(description="Stable machine-readable code, as in the API's errors.", examples=["document_failed"])
-    message: str = Field(description="What went wrong, for people.")
-    details: dict[str, Any] | None = Field(default=None, description="Machine-readable facts, when there are any.")
-
-
-class WebhookStatus(BaseModel):
-    state: WebhookState = Field(description="`pending`, `delivered`, or `failed` (attempts exhausted or a 4xx).")
-    attempts: int = Field(description="Delivery attempts made so far.")
-
-
-class JobSummary(BaseModel):
-    """A job without its pages: the listing, the webhook body."""
-
-    id: str = Field(description="The job's id, as in `Location: /api/jobs/{id}`.")
-    status: JobStatus = Field(
-        description="`queued`, `running`, then `succeeded` (every page ok or retried), `partial` (some page "
-        "truncated, repetitive or failed), `failed` (see `error`) or `cancelled`."
-    )
-    pages_done: int = Field(description="Pages finished (failed pages included).")
-    pages_total: int = Field(description="Pages this job reads.")
-    page_numbers: list[int] = Field(description="The document's pages this job reads (1-based), in order.")
-    eta_s: float | None = Field(description="Seconds left at this run's measured page rate; null until a page ends.")
-    created_at: datetime = Field(description="When the job was submitted (UTC).")
-    updated_at: datetime = Field(description="Last change: status or a finished page (UTC).")
-    finished_at: datetime | None = Field(description="When the job ended (UTC); null while queued or running.")
-    expires_at: datetime | None = Field(description="When the job and its results are deleted (JOBS_TTL_HOURS).")
-    error: JobError | None = Field(default=None, description="Why the job failed; null unless `failed`.")
-    webhook: WebhookStatus | None = Field(default=None, description="Delivery to callback_url, when one was given.")
-
-
-class JobDetail(JobSummary):
-    pages: list[PageResult] = Field(description="Finished pages so far, in page order.")
-
-
-def _time(value: float | None) -> datetime | None:
-    return None if value is None else datetime.fromtimestamp(value, UTC)
-
-
-def summarize(record: JobRecord, now: float) -> JobSummary:
-    return JobSummary(
-        id=record.id,
-        status=record.status,
-        pages_done=record.pages_done,
-        pages_total=record.pages_total,
-        page_numbers=record.pages,
-        eta_s=record.eta_s(now),
-        created_at=datetime.fromtimestamp(record.created_at, UTC),
-        updated_at=datetime.fromtimestamp(record.updated_at, UTC),
-        finished_at=_time(record.finished_at),
-        expires_at=_time(record.expires_at),
-        error=JobError.model_validate(record.error) if record.error else None,
-        webhook=WebhookStatus(state=record.webhook, attempts=record.webhook_attempts) if record.webhook else None,
-    )
 
 
 class JobStore(Protocol):
@@ -194,10 +137,18 @@ class JobStore(Protocol):
 
     async def pending_webhooks(self) -> list[JobRecord]: ...
 
+    async def set_waiting(self, job_id: str, error: dict[str, Any]) -> None:
+        """The job cannot move for now (`error`: code, message); cleared by its next page or its end."""
+        ...
+
     async def set_webhook(self, job_id: str, state: WebhookState, attempts: int) -> None: ...
 
     async def sweep(self) -> int:
         """Delete expired jobs with their document and pages; how many were deleted."""
+        ...
+
+    async def delete(self, job_id: str) -> bool:
+        """Delete one job now, with its document, password and pages; False when there was none."""
         ...
 
     async def used_bytes(self) -> int: ...
@@ -228,7 +179,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at REAL,
     expires_at REAL,
     webhook TEXT,
-    webhook_attempts INTEGER NOT NULL DEFAULT 0
+    webhook_attempts INTEGER NOT NULL DEFAULT 0,
+    waiting TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, created_at);
 CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, created_at);
@@ -284,6 +236,9 @@ class SqliteJobStore:
             db.execute("PRAGMA foreign_keys = ON")
             db.execute("PRAGMA busy_timeout = 5000")
             db.executescript(_SCHEMA)
+            columns = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
+            if "waiting" not in columns:  # a file from before `waiting` existed
+                db.execute("ALTER TABLE jobs ADD COLUMN waiting TEXT")
             self._db = db
         return self._db
 
@@ -356,6 +311,7 @@ class SqliteJobStore:
             webhook=row["webhook"],
             webhook_attempts=row["webhook_attempts"],
             stored_bytes=row["doc_bytes"] + row["result_bytes"],
+            waiting=json.loads(row["waiting"]) if row["waiting"] else None,
         )
 
     def _get(self, db: sqlite3.Connection, job_id: str) -> JobRecord | None:
@@ -457,7 +413,7 @@ class SqliteJobStore:
             )
             if cursor.rowcount:
                 db.execute(
-                    "UPDATE jobs SET result_bytes = result_bytes + ?, updated_at = ? WHERE id = ?",
+                    "UPDATE jobs SET result_bytes = result_bytes + ?, updated_at = ?, waiting = NULL WHERE id = ?",
                     (len(payload), now, job_id),
                 )
             row = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -482,7 +438,7 @@ class SqliteJobStore:
     ) -> bool:
         now = self.clock()
         cursor = db.execute(
-            f"UPDATE jobs SET status = ?, error = ?, finished_at = ?, updated_at = ?, expires_at = ?, "
+            f"UPDATE jobs SET status = ?, error = ?, finished_at = ?, updated_at = ?, expires_at = ?, waiting = NULL, "
             f"webhook = CASE WHEN callback_url IS NULL THEN NULL ELSE 'pending' END "
             f"WHERE id = ? AND status IN ({allowed})",
             (status, json.dumps(error) if error else None, now, now, now + self.ttl_s, job_id),
@@ -513,6 +469,16 @@ class SqliteJobStore:
 
         return await self._run(update, default=0)
 
+    async def set_waiting(self, job_id: str, error: dict[str, Any]) -> None:
+        waiting = json.dumps({**error, "since": self.clock()})
+
+        def update(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE jobs SET waiting = ? WHERE id = ? AND status IN ('queued', 'running')", (waiting, job_id)
+            )
+
+        await self._run(update, default=None)
+
     async def set_webhook(self, job_id: str, state: WebhookState, attempts: int) -> None:
         def update(db: sqlite3.Connection) -> None:
             db.execute("UPDATE jobs SET webhook = ?, webhook_attempts = ? WHERE id = ?", (state, attempts, job_id))
@@ -525,6 +491,15 @@ class SqliteJobStore:
             return cursor.rowcount
 
         deleted = await self._run(delete, default=0)
+        if deleted:
+            await anyio.to_thread.run_sync(self._vacuum)
+        return deleted
+
+    async def delete(self, job_id: str) -> bool:
+        def delete(db: sqlite3.Connection) -> bool:
+            return db.execute("DELETE FROM jobs WHERE id = ?", (job_id,)).rowcount == 1
+
+        deleted = await self._run(delete, default=False)
         if deleted:
             await anyio.to_thread.run_sync(self._vacuum)
         return deleted

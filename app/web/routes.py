@@ -18,7 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
-from app.api.routes import Service, read_document, until_disconnect
+from app.api.deps import Service, read_document, until_disconnect
 from app.imaging import page_png, png_data_url
 from app.service import OCRService
 

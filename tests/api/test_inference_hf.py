@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,22 +21,16 @@ from PIL import Image
 from app.main import create_app
 from app.settings import Settings
 from tests.conftest import corpus_document, make_settings
+from tests.support import http
 from tests.support.documents import make_image, make_pdf, make_png
+from tests.support.http import ok
 from tests.support.server import ServedApp
+
+post = partial(http.post, timeout=120)  # the model runs on this machine's CPU
 
 SMALL_PAGE_PT = (144, 180)  # 2 x 2.5 in: 400 x 500 px at the 200 DPI cap
 SMALL_PAGE_PX = (400, 500)
 PAGE_SEPARATOR = "\n\n"
-
-
-def post(url: str, payload: bytes, name: str = "doc", data: dict[str, str] | None = None) -> httpx.Response:
-    return httpx.post(f"{url}/api/inference", files={"file": (name, payload)}, data=data, timeout=120)
-
-
-def ok(response: httpx.Response) -> dict[str, Any]:
-    assert response.status_code == 200, response.text
-    body: dict[str, Any] = response.json()
-    return body
 
 
 def assert_page_accounting(body: dict[str, Any], settings: Settings) -> None:
@@ -72,7 +67,7 @@ def test_pdf_pages_come_back_in_order(hf_service: str, hf_settings: Settings, ti
 
 
 def test_page_selection(hf_service: str, hf_settings: Settings) -> None:
-    body = ok(post(hf_service, make_pdf(4, page_size_pt=SMALL_PAGE_PT), "doc.pdf", {"pages": "2,4"}))
+    body = ok(post(hf_service, make_pdf(4, page_size_pt=SMALL_PAGE_PT), "doc.pdf", data={"pages": "2,4"}))
     assert [page["page"] for page in body["pages"]] == [2, 4]
     assert_page_accounting(body, hf_settings)
 

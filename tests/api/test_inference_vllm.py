@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import CORPUS, ServiceFactory, corpus_manifest
 from tests.support.documents import ImageFormat, make_image, make_pdf, page_id_of
+from tests.support.http import ok, post
 from tests.support.openai_stub import DEFAULT_MODEL, Reply, SamplingParams, StubRequest, StubVLLM, describe
 
 LETTER_RENDER = (1190, 1540)  # US Letter at 200 DPI, capped at 1540 px on the longest edge
@@ -21,16 +22,6 @@ SMALL_PAGE_PT = (216, 288)  # 3 x 4 in: 600 x 800 px at 200 DPI, cheap to render
 
 def small_pdf(n_pages: int) -> bytes:
     return make_pdf(n_pages, page_size_pt=SMALL_PAGE_PT)
-
-
-def post(url: str, content: bytes, name: str = "doc", data: dict[str, str] | None = None) -> httpx.Response:
-    return httpx.post(f"{url}/api/inference", files={"file": (name, content)}, data=data, timeout=60)
-
-
-def ok(response: httpx.Response) -> dict[str, Any]:
-    assert response.status_code == 200, response.text
-    body: dict[str, Any] = response.json()
-    return body
 
 
 def texts(body: dict[str, Any]) -> list[str]:

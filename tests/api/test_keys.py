@@ -6,7 +6,6 @@ import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -14,6 +13,7 @@ import pytest
 from tests.api.test_overload import Gate
 from tests.conftest import ServiceFactory
 from tests.support.documents import make_pdf, make_png
+from tests.support.http import ok, post
 from tests.support.openai_stub import Reply, StubVLLM
 
 KEY_A = "alpha-0123456789abcdef"
@@ -23,16 +23,6 @@ SMALL_PAGE_PT = (216, 288)
 
 def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
-
-
-def post(url: str, content: bytes, headers: dict[str, str] | None = None, name: str = "doc.pdf") -> httpx.Response:
-    return httpx.post(f"{url}/api/inference", files={"file": (name, content)}, headers=headers, timeout=60)
-
-
-def ok(response: httpx.Response) -> dict[str, Any]:
-    assert response.status_code == 200, response.text
-    body: dict[str, Any] = response.json()
-    return body
 
 
 def assert_unauthorized(response: httpx.Response, reason: str) -> None:
@@ -65,12 +55,12 @@ def test_every_route_but_the_probes_and_the_docs_needs_a_key(vllm_service: Servi
         assert httpx.request(method, url + path, headers=auth(KEY_B)).status_code in (200, 405), path
     png = make_png(300, 300, page_id=1)
     assert_unauthorized(post(url, png, name="p.png"), "missing")
-    assert_unauthorized(post(url, png, auth(KEY_A + "x"), name="p.png"), "invalid")
-    assert_unauthorized(post(url, png, auth(KEY_A[:-1]), name="p.png"), "invalid")
-    assert_unauthorized(post(url, png, {"Authorization": f"Basic {KEY_A}"}, name="p.png"), "invalid")
-    assert_unauthorized(post(url, png, {"Authorization": "Bearer"}, name="p.png"), "invalid")
-    assert ok(post(url, png, auth(KEY_A), name="p.png"))["text"] == "page 1"
-    assert ok(post(url, png, {"Authorization": f"bearer  {KEY_B}"}, name="p.png"))["text"] == "page 1"
+    assert_unauthorized(post(url, png, headers=auth(KEY_A + "x"), name="p.png"), "invalid")
+    assert_unauthorized(post(url, png, headers=auth(KEY_A[:-1]), name="p.png"), "invalid")
+    assert_unauthorized(post(url, png, headers={"Authorization": f"Basic {KEY_A}"}, name="p.png"), "invalid")
+    assert_unauthorized(post(url, png, headers={"Authorization": "Bearer"}, name="p.png"), "invalid")
+    assert ok(post(url, png, headers=auth(KEY_A), name="p.png"))["text"] == "page 1"
+    assert ok(post(url, png, headers={"Authorization": f"bearer  {KEY_B}"}, name="p.png"))["text"] == "page 1"
 
 
 def test_unknown_routes_need_a_key_before_saying_404(vllm_service: ServiceFactory) -> None:
@@ -104,10 +94,10 @@ def test_keys_never_reach_the_logs(
     url = vllm_service(api_keys=[KEY_A])
     caplog.set_level(logging.DEBUG)
     png = make_png(300, 300, page_id=3)
-    assert post(url, png, auth(bad), name="p.png").status_code == 401
-    assert post(url, png, auth(KEY_A), name="p.png").status_code == 200
+    assert post(url, png, headers=auth(bad), name="p.png").status_code == 401
+    assert post(url, png, headers=auth(KEY_A), name="p.png").status_code == 200
     stub.responder = lambda request: Reply(status=400, message="rejected")
-    assert post(url, png, auth(KEY_A), name="p.png").status_code == 502  # error paths log too
+    assert post(url, png, headers=auth(KEY_A), name="p.png").status_code == 502  # error paths log too
     assert httpx.get(url + "/info", headers=auth(bad)).status_code == 401
 
     logged = caplog.text + "".join(str(record.__dict__) for record in caplog.records)
@@ -128,17 +118,17 @@ def test_key_flooding_its_limit_does_not_starve_another(
     stub.responder = gate
     try:
         url = vllm_service(api_keys=[KEY_A, KEY_B], key_max_pages_in_flight=2, max_concurrent_pages=4)
-        held = pool.submit(post, url, make_pdf(2, page_size_pt=SMALL_PAGE_PT), auth(KEY_A))
+        held = pool.submit(post, url, make_pdf(2, page_size_pt=SMALL_PAGE_PT), headers=auth(KEY_A))
         stub.wait_until(lambda s: s.in_flight == 2)
 
-        refused = post(url, make_png(300, 300, page_id=60), auth(KEY_A), name="p.png")
+        refused = post(url, make_png(300, 300, page_id=60), headers=auth(KEY_A), name="p.png")
         assert refused.status_code == 429, refused.text
         assert refused.headers["Retry-After"] == "5"
         error = refused.json()["error"]
         assert error["code"] == "too_many_pages_in_flight"
         assert error["details"] == {"pages_in_flight": 2}
 
-        served = ok(post(url, make_png(300, 300, page_id=50), auth(KEY_B), name="p.png"))
+        served = ok(post(url, make_png(300, 300, page_id=50), headers=auth(KEY_B), name="p.png"))
         assert served["text"] == "page 50"
         assert stub.in_flight == 2  # A's pages are still held while B was served
         assert not held.done()
@@ -146,20 +136,20 @@ def test_key_flooding_its_limit_does_not_starve_another(
         gate.open()
     assert ok(held.result(timeout=30))["text"] == "page 1\n\npage 2"
     # A's pages are done: A may send again.
-    assert ok(post(url, make_png(300, 300, page_id=60), auth(KEY_A), name="p.png"))["text"] == "page 60"
+    assert ok(post(url, make_png(300, 300, page_id=60), headers=auth(KEY_A), name="p.png"))["text"] == "page 60"
     assert 60 in gate.seen
 
 
 def test_rate_limit_answers_429_with_retry_after(vllm_service: ServiceFactory) -> None:
     url = vllm_service(api_keys=[KEY_A, KEY_B], rate_limit_pages_per_min=3)
-    ok(post(url, make_pdf(3, page_size_pt=SMALL_PAGE_PT), auth(KEY_A)))
-    refused = post(url, make_png(300, 300, page_id=1), auth(KEY_A), name="p.png")
+    ok(post(url, make_pdf(3, page_size_pt=SMALL_PAGE_PT), headers=auth(KEY_A)))
+    refused = post(url, make_png(300, 300, page_id=1), headers=auth(KEY_A), name="p.png")
     assert refused.status_code == 429, refused.text
     assert 1 <= int(refused.headers["Retry-After"]) <= 20  # one page every 20 s
     error = refused.json()["error"]
     assert error["code"] == "rate_limited"
     assert error["details"] == {"pages_per_minute": 3}
-    assert ok(post(url, make_png(300, 300, page_id=1), auth(KEY_B), name="p.png"))["text"] == "page 1"
+    assert ok(post(url, make_png(300, 300, page_id=1), headers=auth(KEY_B), name="p.png"))["text"] == "page 1"
 
 
 # --------------------------------------------------------------------------- CORS
@@ -187,7 +177,7 @@ def test_cors_origins_allow_preflight_and_responses(vllm_service: ServiceFactory
     assert "POST" in response.headers["Access-Control-Allow-Methods"]
     assert "authorization" in response.headers["Access-Control-Allow-Headers"].lower()
 
-    answered = post(url, make_png(300, 300, page_id=4), {**auth(KEY_A), "Origin": ORIGIN}, name="p.png")
+    answered = post(url, make_png(300, 300, page_id=4), headers={**auth(KEY_A), "Origin": ORIGIN}, name="p.png")
     assert ok(answered)["text"] == "page 4"
     assert answered.headers["Access-Control-Allow-Origin"] == ORIGIN
     # A 401 is readable by the page, so it can ask for a key.

@@ -7,10 +7,11 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.api.errors import error_codes
+from app.api.openapi import error_codes
 from app.main import create_app
 from tests.conftest import ServiceFactory, make_settings
 from tests.support.documents import make_pdf, page_id_of
+from tests.support.http import post
 from tests.support.openai_stub import Reply, StubRequest, StubVLLM, describe
 
 PAGE_PT = (144, 180)
@@ -36,10 +37,6 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 def labelled(samples: Samples, name: str) -> list[dict[str, str]]:
     return [dict(labels) for sample_name, labels in samples if sample_name == name]
-
-
-def post(url: str, content: bytes, **kwargs: Any) -> httpx.Response:
-    return httpx.post(f"{url}/api/inference", files={"file": ("doc.pdf", content)}, timeout=60, **kwargs)
 
 
 def test_counts_after_a_known_workload(vllm_service: ServiceFactory) -> None:

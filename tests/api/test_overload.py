@@ -12,13 +12,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
 
 import httpx
 import pytest
 
 from tests.conftest import ServiceFactory
 from tests.support.documents import make_pdf, make_png, page_id_of
+from tests.support.http import ok, post
 from tests.support.openai_stub import Reply, StubRequest, StubVLLM, describe
 
 SMALL_PAGE_PT = (216, 288)  # 600 x 800 px
@@ -76,18 +76,8 @@ def pool() -> Iterator[ThreadPoolExecutor]:
         yield executor
 
 
-def post(url: str, content: bytes, name: str = "doc.pdf", headers: dict[str, str] | None = None) -> httpx.Response:
-    return httpx.post(f"{url}/api/inference", files={"file": (name, content)}, headers=headers, timeout=60)
-
-
 def small_pdf(n: int) -> bytes:
     return make_pdf(n, page_size_pt=SMALL_PAGE_PT)
-
-
-def ok(response: httpx.Response) -> dict[str, Any]:
-    assert response.status_code == 200, response.text
-    body: dict[str, Any] = response.json()
-    return body
 
 
 # --------------------------------------------------------------------------- MAX_QUEUED_PAGES

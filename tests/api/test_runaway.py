@@ -19,21 +19,12 @@ from app.quality import is_repetitive
 from app.settings import Settings
 from tests.conftest import ServiceFactory
 from tests.support.documents import make_pdf, make_png, page_id_of
+from tests.support.http import ok, post
 from tests.support.openai_stub import Reply, StubRequest, StubVLLM, describe
 
 SMALL_PAGE_PT = (216, 288)  # 600 x 800 px: cheap to render and encode
 LOOP = "\n".join(["| 1 | total | 1 |"] * 30)  # a line cycle
 WORD_LOOP = "Summary: " + " ".join(["and the"] * 60)  # a word cycle in one line
-
-
-def post(url: str, content: bytes, name: str = "doc.pdf") -> httpx.Response:
-    return httpx.post(f"{url}/api/inference", files={"file": (name, content)}, timeout=60)
-
-
-def ok(response: httpx.Response) -> dict[str, Any]:
-    assert response.status_code == 200, response.text
-    body: dict[str, Any] = response.json()
-    return body
 
 
 def page(body: dict[str, Any], number: int) -> dict[str, Any]:

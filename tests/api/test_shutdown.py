@@ -23,17 +23,11 @@ import pytest
 
 from tests.api.test_overload import Gate
 from tests.support.documents import make_pdf
+from tests.support.http import free_port
 from tests.support.openai_stub import StubVLLM
 
 ROOT = Path(__file__).resolve().parents[2]
 GRACE_S = 20
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def refuses_connections(port: int) -> bool:

@@ -245,9 +245,9 @@ def test_encrypted_pdf_and_page_images(stub: StubVLLM, jobs_service: Callable[..
         assert image.status_code == 200
         assert image.headers["content-type"] == "image/png"
         assert hashlib.sha256(image.content).hexdigest() == seen[page]
-    outside = httpx.get(f"{url}/api/jobs/{job_id}/pages/1/image")
-    assert outside.status_code == 422
-    assert outside.json()["error"]["code"] == "invalid_pages"
+    outside = httpx.get(f"{url}/api/jobs/{job_id}/pages/1/image")  # in the document, not in the job
+    assert outside.status_code == 404
+    assert outside.json()["error"]["code"] == "page_not_found"
 
 
 def test_result_formats(stub: StubVLLM, jobs_service: Callable[..., str]) -> None:
@@ -331,3 +331,44 @@ def test_listing_and_access_are_per_key(stub: StubVLLM, jobs_service: Callable[.
     assert httpx.get(f"{url}/api/jobs").status_code == 401
     finished: Job = wait_status(url, job_b, "succeeded", headers=b)
     assert finished["pages_done"] == 1
+
+
+def test_purge_deletes_a_job_for_good(stub: StubVLLM, jobs_service: Callable[..., str], gates: Gates) -> None:
+    url = jobs_service()
+    done = submit(url, make_pdf(2, SMALL)).json()["id"]
+    wait_status(url, done, "succeeded")
+    outside = httpx.get(f"{url}/api/jobs/{done}/pages/3/image")
+    assert outside.status_code == 404
+    assert outside.json()["error"]["code"] == "page_not_found"
+    assert outside.json()["error"]["details"]["pages"] == [1, 2]
+    purged = httpx.delete(f"{url}/api/jobs/{done}", params={"purge": "true"})
+    assert purged.status_code == 200
+    assert purged.json()["status"] == "succeeded"  # its last summary
+    for path in ("", "/result", "/pages/1/image"):
+        assert httpx.get(f"{url}/api/jobs/{done}{path}").json()["error"]["code"] == "job_not_found"
+    assert httpx.delete(f"{url}/api/jobs/{done}", params={"purge": "true"}).status_code == 404
+
+    stub.responder = holding(gates)
+    running = submit(url, make_pdf(2, SMALL)).json()["id"]
+    stub.wait_until(lambda s: s.in_flight == 2, timeout=20)
+    purged = httpx.delete(f"{url}/api/jobs/{running}", params={"purge": "true"})
+    assert purged.json()["status"] == "cancelled"  # cancelled first: its pages were aborted
+    stub.wait_until(lambda s: s.cancelled == 2, timeout=20)
+    assert httpx.get(f"{url}/api/jobs/{running}").status_code == 404
+    assert httpx.get(f"{url}/api/jobs").json()["jobs"] == []
+
+
+def test_a_job_blocked_on_an_unreachable_engine_says_so(stub: StubVLLM, jobs_service: Callable[..., str]) -> None:
+    down = threading.Event()
+    down.set()
+    stub.responder = lambda request: Reply(drop_connection=True) if down.is_set() else Reply(text="back")
+    url = jobs_service(retry_after_s=1, vllm_max_retries=0)
+    job_id = submit(url, make_pdf(2, SMALL)).json()["id"]
+    job = wait_job(url, job_id, lambda job: job["waiting"] is not None)
+    assert job["status"] in ("queued", "running")
+    assert job["waiting"]["code"] == "engine_unavailable"
+    assert job["waiting"]["since"] is not None
+    down.clear()
+    done = wait_status(url, job_id, "succeeded")
+    assert done["waiting"] is None
+    assert [page["text"] for page in done["pages"]] == ["back", "back"]

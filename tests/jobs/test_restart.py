@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,17 +24,11 @@ from app.jobs import NewJob, SqliteJobStore
 from tests.conftest import ServiceFactory
 from tests.jobs import wait_job, wait_status
 from tests.support.documents import make_pdf, page_id_of
+from tests.support.http import free_port
 from tests.support.openai_stub import Reply, StubRequest, StubVLLM
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES, ANSWERED_FIRST = 5, 2
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @contextmanager

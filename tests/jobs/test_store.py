@@ -245,3 +245,15 @@ async def test_pages_keep_their_blocks_and_error_details(
     first, second = await store.pages(record.id)
     assert first.blocks == blocks
     assert second.result.error == error
+
+
+async def test_delete_removes_the_job_document_and_pages(store: SqliteJobStore) -> None:
+    record = await store.create(new_job(), b"x" * 4000)
+    assert await store.mark_running(record.id)
+    await store.add_page(record.id, page(1))
+    assert await store.delete(record.id)
+    assert await store.get(record.id) is None
+    assert await store.document(record.id) is None
+    assert await store.pages(record.id) == []
+    assert await store.used_bytes() == 0
+    assert not await store.delete(record.id)
