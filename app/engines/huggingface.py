@@ -97,7 +97,7 @@ class HuggingFaceEngine(EngineBase):
         if _looks_like_path(source) and not Path(source).expanduser().is_dir():
             raise EngineUnavailable(
                 f"MODEL_NAME {source!r} looks like a local directory but none exists there. Fill it with "
-                f"`huggingface-cli download lightonai/LightOnOCR-2-1B --local-dir {source}` (on a machine with "
+                f"`hf download lightonai/LightOnOCR-2-1B --local-dir {source}` (on a machine with "
                 "network access, then copy it), or set MODEL_NAME to a hub id."
             )
         if not Path(source).is_dir():
@@ -117,7 +117,7 @@ class HuggingFaceEngine(EngineBase):
         except (OSError, ValueError) as exc:  # hub errors are OSError; a malformed repo id is a ValueError
             raise EngineUnavailable(
                 f"cannot load model {source!r}: {exc}. If this machine is offline, download it elsewhere "
-                f"with `huggingface-cli download {source} --cache-dir {settings.model_cache_dir}` and copy "
+                f"with `hf download {source} --cache-dir {settings.model_cache_dir}` and copy "
                 "the cache, or set MODEL_NAME to a local directory holding the checkpoint."
             ) from exc
         model.to(device)  # type: ignore[arg-type]

@@ -132,18 +132,44 @@ def normalise_image(frame: Image.Image) -> Image.Image:
     return fit_to_model(to_rgb(frame))
 
 
+# A path that never exists: opening it is how the last error is set to a known value (FPDF_ERR_FILE).
+_NO_SUCH_FILE = b"/nonexistent/lightonocr/pdfium-error-reset.pdf"
+
+
+def _load_pdf(data: bytes, password: str | None) -> pdfium.PdfDocument:
+    """Open a PDF so that a refusal's error code is about this document, never a leftover.
+
+    PDFium's last error is process-wide and only set by some failures: after an encrypted PDF
+    was refused, a PDF with no page tree (refused without setting an error) came back as
+    FPDF_ERR_PASSWORD, `password_required`, for everyone. Opening a file that does not exist
+    first sets the error to FPDF_ERR_FILE, which loading from memory never sets; a refusal
+    still carrying that code was refused without an error of its own. Callers hold PDFIUM_LOCK.
+    """
+    pdfium_c.FPDF_LoadDocument(_NO_SUCH_FILE, None)  # returns NULL; sets the last error to FPDF_ERR_FILE
+    try:
+        return pdfium.PdfDocument(data, password=password)
+    except pdfium.PdfiumError as exc:
+        if exc.err_code == pdfium_c.FPDF_ERR_FILE:
+            exc.err_code = pdfium_c.FPDF_ERR_SUCCESS  # no error of its own
+        raise
+
+
 class PdfDocument:
     doc_type = DocType.PDF
 
     def __init__(self, data: bytes, *, password: str | None, limits: IntakeLimits) -> None:
         with PDFIUM_LOCK:
             try:
-                self._pdf = pdfium.PdfDocument(data, password=password or None)
+                self._pdf = _load_pdf(data, password or None)
             except pdfium.PdfiumError as exc:
                 if exc.err_code == pdfium_c.FPDF_ERR_PASSWORD:
                     if password:
                         raise WrongPassword("the password does not open this PDF") from None
                     raise PasswordRequired("this PDF is encrypted: send its password in the `password` field") from None
+                if exc.err_code == pdfium_c.FPDF_ERR_SUCCESS:
+                    # PDFium refuses a document whose page tree is empty or missing without an
+                    # error of its own (`_load_pdf` tells): it has no pages to read.
+                    raise EmptyDocument("the PDF has no pages") from None
                 raise CorruptDocument(f"the PDF cannot be read: {exc}") from None
             self.page_count = len(self._pdf)
         if self.page_count == 0:

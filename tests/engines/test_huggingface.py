@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import shlex
+import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -140,8 +144,25 @@ async def test_cuda_on_a_cpu_only_machine_falls_back_with_one_warning(
 def assert_tells_what_to_do(error: EngineUnavailable, model_name: str) -> None:
     message = str(error)
     assert model_name in message
-    assert "huggingface-cli download" in message
+    assert "hf download" in message
     assert "local directory" in message
+    assert_command_exists(message)
+
+
+def assert_command_exists(message: str) -> None:
+    """Issue 9 bug 8: the advice named `huggingface-cli`, gone from the locked huggingface_hub.
+
+    The command in backticks must be one the installed hub client has, with the options it names.
+    """
+    match = re.search(r"`((?:hf|huggingface-cli) download [^`]*)`", message)
+    assert match is not None, message
+    words = shlex.split(match.group(1))
+    executable = Path(sys.executable).parent / words[0]
+    assert executable.exists(), f"{words[0]} is not installed with huggingface_hub"
+    help_text = subprocess.run([str(executable), *words[1:2], "--help"], capture_output=True, text=True, timeout=60)
+    assert help_text.returncode == 0, help_text.stderr
+    for option in (word for word in words if word.startswith("--")):
+        assert option in help_text.stdout, f"{option} is not an option of `{words[0]} download`"
 
 
 @pytest.mark.usefixtures("offline_hub")

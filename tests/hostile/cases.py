@@ -13,9 +13,8 @@ Decisions, checked against the service (tests/hostile/test_hostile_input.py):
 - pdfium repairs a broken cross-reference table (offsets off by 7, `startxref` pointing
   past the end) by scanning the file: those PDFs are read, 200. With no xref and no
   trailer at all there is no catalog to find: 422 `corrupt_document`.
-- A PDF whose page tree is empty is refused by pdfium itself ("Failed to load document"),
-  so the answer is 422 `corrupt_document`, not README's `empty_document`; the case pins
-  what the service does (the README row is reported as inaccurate).
+- A PDF whose page tree is empty is refused by pdfium itself ("Failed to load document")
+  without an error of its own: it has no pages, 422 `empty_document`.
 - pdfium believes `/Count` up to about a million pages, so a one-page PDF claiming
   1,000,000 is refused `too_many_pages` without rendering, and asking for a page that
   exists only in `/Count` fails that page: 422 `corrupt_document`.
@@ -548,8 +547,8 @@ case(
 case(
     "pdf_zero_pages",
     422,
-    "corrupt_document",
-    "a page tree with no kids: pdfium refuses to load it (README says empty_document: reported)",
+    "empty_document",
+    "a page tree with no kids: pdfium refuses to load it without an error of its own",
     lambda: upload(raw_pdf([_CATALOG, b"<< /Type /Pages /Kids [] /Count 0 >>"]), "a.pdf"),
 )
 case(

@@ -19,6 +19,7 @@ from app.errors import (
 from app.intake import DocType, IntakeLimits, open_document, parse_page_selection, sniff
 from app.intake.document import LONGEST_EDGE, pad_to_min_side, pdf_scale
 from tests.conftest import CORPUS, corpus_manifest
+from tests.hostile.cases import raw_pdf
 from tests.support.documents import make_image, make_pdf, page_id_of
 
 LIMITS = IntakeLimits(max_image_pixels=50_000_000)
@@ -96,8 +97,28 @@ def test_broken_pdfs() -> None:
         b"%PDF-1.4\n1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj 2 0 obj<</Type/Pages/Kids[]/Count 0>>endobj\n"
         b"trailer<</Root 1 0 R>>\n%%EOF"
     )
-    with pytest.raises((EmptyDocument, CorruptDocument)):
+    with pytest.raises((EmptyDocument, CorruptDocument)):  # no xref: PDFium's format error
         open_document(zero_pages, limits=LIMITS)
+
+
+ZERO_PAGES = raw_pdf([b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [] /Count 0 >>"])
+NO_PAGE_TREE = raw_pdf([b"<< /Type /Catalog >>"])
+
+
+@pytest.mark.parametrize("password", [None, "guess"])
+def test_a_refused_encrypted_pdf_does_not_change_the_next_documents_error(password: str | None) -> None:
+    """Issue 9 bug 2: PDFium's last error outlived the encrypted PDF it was about (same thread, same process)."""
+    encrypted = make_pdf(1, password="s3cret")
+    for _ in range(2):
+        with pytest.raises(WrongPassword if password else PasswordRequired):
+            open_document(encrypted, limits=LIMITS, password=password)
+        for empty in (ZERO_PAGES, NO_PAGE_TREE):
+            with pytest.raises(EmptyDocument):
+                open_document(empty, limits=LIMITS, password=password)
+        with pytest.raises(CorruptDocument):
+            open_document(b"%PDF-1.4\ngarbage", limits=LIMITS, password=password)
+        with pytest.raises(EmptyDocument):  # and a format error before does not leak either
+            open_document(ZERO_PAGES, limits=LIMITS)
 
 
 def test_large_image_downscaled_with_lanczos() -> None:
