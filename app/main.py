@@ -27,6 +27,7 @@ from app.api.middleware import RequestMiddleware
 from app.api.openapi import document_validation_errors, error_table
 from app.api.routes import router
 from app.api.security import ApiKeyMiddleware, is_open
+from app.api.upload import LINGER_MIN_BYTES, LingeringClose
 from app.engines import Engine
 from app.jobs import JobRunner
 from app.logs import setup_logging
@@ -81,6 +82,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     _install_docs(app, bearer=bool(keys))
     if keys:
         app.add_middleware(ApiKeyMiddleware, keys=keys)
+    # Outside the key check, so a 401 to a big upload reaches the client too.
+    app.add_middleware(LingeringClose, max_bytes=max(4 * settings.max_file_bytes, LINGER_MIN_BYTES))
     app.add_middleware(RequestMiddleware, metrics=metrics, routes=app.routes)  # request id, metrics, access log
     # Added last, so outermost: even a 401 carries CORS headers a browser can read.
     if settings.cors_origins:

@@ -8,12 +8,15 @@ refused after at most MAX_FILE_SIZE_MB (plus one chunk) has been read.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.datastructures import Headers
 from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import (
     FieldTooLarge,
@@ -232,3 +235,81 @@ async def read_upload(
         part.name: bytes(part.data).decode("utf-8", "replace") for part in collector.parts if part.name != FILE_FIELD
     }
     return Upload(data=bytes(files[0].data), filename=files[0].filename, fields=fields)
+
+
+# Lingering close (nginx's lingering_time / lingering_timeout): after refusing a request whose body is still
+# arriving, read and drop the rest for at most this long, and stop when none arrives for LINGER_IDLE_S.
+LINGER_S = 30.0
+LINGER_IDLE_S = 5.0
+LINGER_MIN_BYTES = 64 * 1024 * 1024  # at most max(4 x MAX_FILE_SIZE_MB, this) is read and dropped
+
+
+class LingeringClose:
+    """Reads and drops the rest of a refused upload, so clients that write the whole body first see the answer.
+
+    Refusing an oversized upload early (413 from Content-Length or after MAX_FILE_SIZE_MB) leaves the rest of
+    the body unread. Closing the connection then makes the kernel answer the client's next bytes with a reset,
+    and a client that writes its whole body before reading (Python's urllib, many HTTP libraries) gets
+    "connection reset" instead of the 413. So a 4xx answered before the body ended is sent at once, in full (a
+    client reading concurrently has it immediately), and only its end is held back while the rest of the body
+    is read and dropped: up to `max_bytes`, LINGER_S, and LINGER_IDLE_S without a byte. 408 is not drained (the
+    client is stalled), nor a body the client was told to hold back (`Expect: 100-continue`, never continued).
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+        declared = headers.get("content-length", "")
+        expected = int(declared) if declared.isdigit() else None
+        body_done = not chunked and not expected
+        continued = "100-continue" not in headers.get("expect", "").lower()
+        received = 0
+        status = 0
+
+        async def watching_receive() -> Message:
+            nonlocal body_done, continued, received
+            continued = True  # uvicorn sends `100 Continue` on the first receive
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                body_done = body_done or not message.get("more_body", False)
+            else:
+                body_done = True  # disconnected: nothing more will come
+            return message
+
+        async def lingering_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                left = expected - received if expected is not None else 0
+                if 400 <= status < 500 and status != 408 and not body_done and continued and left <= self.max_bytes:
+                    if message.get("body"):
+                        await send({**message, "more_body": True})
+                    await _drop_rest(watching_receive, self.max_bytes)
+                    message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app(scope, watching_receive, lingering_send)
+
+
+async def _drop_rest(receive: Receive, max_bytes: int) -> None:
+    """Read and drop the request body until it ends, or a bound is reached."""
+    dropped = 0
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(LINGER_S):
+            while dropped <= max_bytes:
+                async with asyncio.timeout(LINGER_IDLE_S):
+                    message = await receive()
+                if message["type"] != "http.request":
+                    return
+                dropped += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return

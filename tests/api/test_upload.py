@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import socket
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -136,3 +138,33 @@ def test_a_document_as_a_plain_field_under_another_name_is_missing_file(vllm_ser
     document = make_png(600, 600, page_id=3) + b"\0" * 100_000
     response = httpx.post(f"{url}/api/inference", files={"document": (None, document)}, timeout=30)
     assert _error(response, 422, "missing_file")["details"]["received_as"] == "document"
+
+
+def _urllib_post(url: str, body: bytes, boundary: str, *, chunked: bool) -> tuple[int, dict[str, Any]]:
+    """POST the way urllib does: the whole body first (with `Connection: close`), then read the answer."""
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    data: bytes | Iterator[bytes] = body
+    if chunked:  # no Content-Length: urllib sends an iterable chunked
+        data = (body[start : start + 65536] for start in range(0, len(body), 65536))
+    request = urllib.request.Request(f"{url}/api/inference", data=data, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_oversize_upload_from_a_client_that_reads_only_at_the_end_gets_the_413(
+    vllm_service: ServiceFactory, chunked: bool
+) -> None:
+    """urllib writes the whole body before reading: it used to see a connection reset, not the answer."""
+    url = vllm_service(max_file_size_mb=1)
+    boundary = "lingering"
+    # 12 MB: well past what the kernel's socket buffers absorb, within what the service reads and drops.
+    body = multipart([Part("file", b"%PDF-" + b"0" * 12_000_000, "big.pdf")], boundary)
+    status, answer = _urllib_post(url, body, boundary, chunked=chunked)
+    assert status == 413
+    assert answer["error"]["code"] == "file_too_large"
+    # The connection was left in order: the service answers the next request at once.
+    assert httpx.get(f"{url}/health", timeout=5).status_code == 200

@@ -897,9 +897,14 @@ def _wait_readable(selector: selectors.BaseSelector, sock: socket.socket, second
 
 
 def _read_all(sock: socket.socket, deadline: float) -> bytes:
+    """Read until the answer is complete by its own framing, as HTTP clients do, or the server closes.
+
+    Not "until EOF": after refusing a body mid-way the server keeps the connection to read and drop the
+    rest (lingering close), and ends it when the client stops sending and goes away.
+    """
     chunks = []
     sock.setblocking(True)
-    while True:
+    while not _complete(b"".join(chunks)):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise NoAnswer("the answer did not complete in time")
@@ -914,6 +919,20 @@ def _read_all(sock: socket.socket, deadline: float) -> bytes:
             break
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _complete(raw: bytes) -> bool:
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    lines = head.decode("latin-1").lower().split("\r\n")
+    for line in lines[1:]:
+        key, _, value = line.partition(":")
+        if key.strip() == "content-length":
+            return len(body) >= int(value)
+        if key.strip() == "transfer-encoding" and "chunked" in value:
+            return body.endswith(b"0\r\n\r\n")
+    return False
 
 
 def _parse_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
