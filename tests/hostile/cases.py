@@ -902,7 +902,7 @@ def _read_all(sock: socket.socket, deadline: float) -> bytes:
     Not "until EOF": after refusing a body mid-way the server keeps the connection to read and drop the
     rest (lingering close), and ends it when the client stops sending and goes away.
     """
-    chunks = []
+    chunks: list[bytes] = []
     sock.setblocking(True)
     while not _complete(b"".join(chunks)):
         remaining = deadline - time.monotonic()
