@@ -37,3 +37,66 @@ def test_math_is_repaired(raw: str, fixed: str) -> None:
 )
 def test_left_alone(text: str) -> None:
     assert repair_escaped_dollars(text) == text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # Unbalanced braces: a closing brace before its opening one, or one left open.
+        r"\$a}{b\$",
+        r"\$x}\$",
+        r"\$\frac{a\$",
+        r"\$a{{b}\$",
+        # Escaped braces do not count towards the balance, so these stay unbalanced.
+        r"\$\{a}\$",
+        r"\$a\}{\$",
+        # Body with a space at either end, or empty.
+        r"\$ x\$",
+        r"\$x \$",
+        r"\$\$",
+        # Prose and bare numbers.
+        r"\$two words\$",
+        r"\$-1,000.50\$",
+    ],
+)
+def test_bodies_that_do_not_look_like_math_are_left_alone(text: str) -> None:
+    assert repair_escaped_dollars(text) == text
+
+
+@pytest.mark.parametrize(
+    ("raw", "fixed"),
+    [
+        # Escaped braces are not braces: `\{a\}` is balanced text.
+        (r"\$\{a\}\$", r"$\{a\}$"),
+        (r"\$a\}\$", r"$a\}$"),
+        (r"\$\sqrt{x}\$", r"$\sqrt{x}$"),
+        (r"\$\mathrm{kg}\cdot{m}\$", r"$\mathrm{kg}\cdot{m}$"),
+        (r"\$x_{\text{max}}\$", r"$x_{\text{max}}$"),
+        (r"\$n\$-th \$k\$", r"$n$-th $k$"),
+    ],
+)
+def test_balanced_math_is_repaired(raw: str, fixed: str) -> None:
+    assert repair_escaped_dollars(raw) == fixed
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # Link targets and URLs may hold escaped dollars that are not math.
+        r"[price](https://example.com/a\$b\$c)",
+        r"[x](p\$q\$)",
+        r"see https://example.com/\$x\$ for details",
+        r"see www.example.com/\$x\$ today",
+        # Math already inside TeX delimiters is the author's, not ours to touch.
+        r"\(a \$x\$ b\)",
+        r"\[\$y\$\]",
+        "\\[\n\\$y\\$\n\\]",
+    ],
+)
+def test_links_urls_and_tex_delimiters_are_left_alone(text: str) -> None:
+    assert repair_escaped_dollars(text) == text
+
+
+def test_protected_spans_do_not_stop_repairs_around_them() -> None:
+    raw = r"\$a\$ [link](https://x.org/\$b\$) \(\$c\$\) \$d\$ `\$e\$` \$f\$"
+    assert repair_escaped_dollars(raw) == r"$a$ [link](https://x.org/\$b\$) \(\$c\$\) $d$ `\$e\$` $f$"

@@ -125,3 +125,28 @@ def test_empty_and_tiny_texts_are_not_repetitive() -> None:
     assert not is_repetitive("")
     assert not is_repetitive("\n\n  \n")
     assert not is_repetitive("ok")
+
+
+# --------------------------------------------------------------------------- runaway pages
+
+
+def test_a_runaway_page_of_thousands_of_words_is_caught_at_its_end() -> None:
+    # Real runaway pages: a normal start well past the 400-word window, then a loop to the token limit.
+    prose = " ".join(words(600, "intro"))
+    loop = " ".join(["and", "then", "the", "value", "is"] * 600)
+    text = INTRO + prose + " " + loop
+    assert len(text.split()) > 3000
+    assert not has_line_cycle(text)
+    assert has_word_cycle(text)
+    assert is_repetitive(text)
+
+
+def test_a_long_page_that_loops_early_and_recovers_is_not_flagged() -> None:
+    looped = " ".join(["again"] * 500)
+    text = looped + " " + " ".join(words(500, "after"))
+    assert not has_word_cycle(text)
+    assert not is_repetitive(text)
+
+
+def test_a_word_loop_longer_than_the_window_is_still_caught() -> None:
+    assert has_word_cycle(" ".join(words(10)) + " " + " ".join(["x", "y", "z"] * 1000))
