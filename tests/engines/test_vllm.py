@@ -10,6 +10,10 @@ from typing import Any
 
 import pytest
 from PIL import Image
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from app.engines.base import Sampling
 from app.engines.vllm import VLLMEngine
@@ -19,6 +23,7 @@ from app.settings import Settings
 from tests.conftest import make_settings
 from tests.support.documents import make_marked_image, page_id_of
 from tests.support.openai_stub import DEFAULT_MODEL, Reply, SamplingParams, StubRequest, StubVLLM
+from tests.support.server import ServedApp
 
 pytestmark = pytest.mark.anyio
 
@@ -68,6 +73,15 @@ async def test_payload_is_the_authors_shape_with_settings_sampling(stub: StubVLL
     assert record.params == SamplingParams(temperature=0.35, top_p=0.75, max_tokens=321)
     assert record.mode == "L"  # a gray page travels as 8-bit gray PNG: same pixels, fewer bytes
     assert (record.width, record.height) == (200, 260)  # the engine sends the page as given
+
+
+async def test_payload_carries_the_per_call_sampling_not_the_settings(stub: StubVLLM) -> None:
+    """The service passes a retry's own temperature per call: the engine must send it, not the settings'."""
+    settings = settings_for(stub.base_url, temperature=0.35, top_p=0.75, max_new_tokens=321)
+    async with VLLMEngine(settings) as engine:
+        await engine.recognize(page(2), Sampling(temperature=0.7, top_p=0.5, max_new_tokens=99))
+    [record] = stub.requests
+    assert record.params == SamplingParams(temperature=0.7, top_p=0.5, max_tokens=99)
 
 
 async def test_payload_builder_has_exactly_the_expected_keys() -> None:
@@ -352,10 +366,24 @@ async def test_length_and_completion_tokens_propagate(stub: StubVLLM) -> None:
     assert await recognize_one(settings_for(stub.base_url)) == Generation("cut off mid", "length", 77)
 
 
-async def test_length_without_usage_count_defaults_to_max_tokens(stub: StubVLLM) -> None:
-    stub.responder = lambda request: Reply(text="x", finish_reason="length")
-    generation = await recognize_one(settings_for(stub.base_url, max_new_tokens=64))
-    assert (generation.finish_reason, generation.tokens) == ("length", 64)
+@pytest.mark.parametrize(
+    "completion",
+    [
+        {"choices": [{"message": {"content": "cut"}, "finish_reason": "length"}]},
+        {"choices": [{"message": {"content": "cut"}, "finish_reason": "length"}], "usage": None},
+        {"choices": [{"message": {"content": "cut"}, "finish_reason": "length"}], "usage": {}},
+    ],
+)
+async def test_a_completion_without_usage_counts_zero_tokens(completion: dict[str, Any]) -> None:
+    """The stub always sends `usage`; a server that does not must still give a page, not an error."""
+
+    async def chat(request: Request) -> JSONResponse:
+        return JSONResponse(completion)
+
+    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+    with ServedApp(app, lifespan="off") as served:
+        generation = await recognize_one(settings_for(f"{served.url}/v1", max_new_tokens=64))
+    assert generation == Generation("cut", "length", 0)
 
 
 async def test_empty_completion_is_an_empty_page(stub: StubVLLM) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 import pypdfium2 as pdfium
 import pytest
@@ -17,7 +18,7 @@ from app.errors import (
     WrongPassword,
 )
 from app.intake import DocType, IntakeLimits, open_document, parse_page_selection, sniff
-from app.intake.document import LONGEST_EDGE, pad_to_min_side, pdf_scale
+from app.intake.document import LONGEST_EDGE, fit_to_model, pad_to_min_side, pdf_scale
 from tests.conftest import CORPUS, corpus_manifest
 from tests.hostile.cases import raw_pdf
 from tests.support.documents import make_image, make_pdf, page_id_of
@@ -45,11 +46,20 @@ def test_sniff_refuses_others() -> None:
         sniff(b"<!doctype html><html></html>")
 
 
+# Expected sizes worked out by hand from REFERENCE.md's rule, scale = min(200/72, 1540/longest_pt),
+# with PDFium rounding each side up: never from the app's own `pdf_scale`.
 @pytest.mark.parametrize(
     ("size_pt", "expected"),
     [
-        ((612, 792), (1190, 1540)),  # US Letter: bounded by 1540 px
-        ((200, 100), (556, 278)),  # small page: bounded by 200 DPI, not upscaled to 1540
+        ((612, 792), (1190, 1540)),  # US Letter: 1540/792 -> 612 * 1.944 = 1190
+        ((595, 842), (1089, 1540)),  # A4: 1540/842 -> 595 * 1.829 = 1088.2, rounded up
+        ((842, 595), (1540, 1089)),  # A4 landscape
+        ((1000, 300), (1540, 462)),  # 1540/1000 -> 300 * 1.54 = 462
+        ((72, 720), (154, 1540)),  # 1 x 10 inches: 1540/720 -> 72 * 2.139 = 154
+        ((200, 100), (556, 278)),  # small page: 200 DPI (200 * 2.778 = 555.6), not upscaled to 1540
+        ((100, 50), (278, 139)),  # 200 DPI: 277.8 x 138.9, rounded up
+        ((500, 400), (1389, 1112)),  # under 1540 px at 200 DPI: 1388.9 x 1111.1, rounded up
+        ((600, 600), (1540, 1540)),  # 1540/600 * 600 lands a hair above 1540 in floating point: still 1540
         ((14400, 14400), (1540, 1540)),  # 200 x 200 inches
     ],
 )
@@ -62,14 +72,36 @@ def test_pdf_page_size(size_pt: tuple[int, int], expected: tuple[int, int]) -> N
 
 
 def test_pdf_rendering_matches_reference_pipeline() -> None:
-    """Reference: pypdfium2 at scale min(200/72, 1540/longest), RGB."""
+    """Reference: pypdfium2 at scale min(200/72, 1540/longest), RGB; for A4 that is 1540/842."""
     data = make_pdf(2, (595, 842))
     reference = pdfium.PdfDocument(data)
     document = open_document(data, limits=LIMITS)
     for index in range(2):
-        page = reference[index]
-        expected = page.render(scale=pdf_scale(*page.get_size())).to_pil().convert("RGB")
+        expected = reference[index].render(scale=1540 / 842).to_pil().convert("RGB")
+        assert expected.size == (1089, 1540)
         assert document.render(index).tobytes() == expected.tobytes()
+
+
+@pytest.mark.parametrize(
+    ("size_pt", "scale"),
+    [
+        ((612, 792), 1540 / 792),
+        ((792, 612), 1540 / 792),
+        ((200, 100), 200 / 72),
+        ((554.4, 300), 200 / 72),  # 554.4 pt at 200 DPI is exactly 1540 px: both bounds agree
+        ((14400, 7200), 1540 / 14400),
+    ],
+)
+def test_pdf_scale_is_the_smaller_of_200_dpi_and_1540_px(size_pt: tuple[float, float], scale: float) -> None:
+    assert pdf_scale(*size_pt) == pytest.approx(scale, rel=1e-12)
+
+
+@pytest.mark.parametrize("side_pt", [572, 580, 597, 600, 619, 663])
+def test_pdf_scale_never_rounds_past_1540_px(side_pt: int) -> None:
+    # For these sizes `1540 / side * side` is a hair above 1540, which PDFium would round up to 1541.
+    scale = pdf_scale(side_pt, side_pt / 2)
+    assert math.ceil(side_pt * scale) == 1540
+    assert scale == pytest.approx(1540 / side_pt, rel=1e-12)
 
 
 def test_pdf_pages_rendered_lazily_in_any_order() -> None:
@@ -132,6 +164,24 @@ def test_large_image_downscaled_with_lanczos() -> None:
 
 def test_small_image_never_upscaled() -> None:
     assert open_document(make_image("PNG", 1, 1), limits=LIMITS).render(0).size == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        ((1540, 900), (1540, 900)),  # exactly at the bound: untouched
+        ((1541, 1000), (1540, 999)),  # 1000 * 1540/1541 = 999.35
+        ((1000, 3080), (500, 1540)),  # portrait: the height is the longest edge
+        ((3000, 1001), (1540, 514)),  # 1001 * 1540/3000 = 513.85, rounded to nearest
+        ((20000, 5), (1540, 1)),  # a sliver never rounds to zero pixels
+    ],
+)
+def test_fit_to_model_sizes(size: tuple[int, int], expected: tuple[int, int]) -> None:
+    source = Image.new("RGB", size, (200, 10, 10))
+    fitted = fit_to_model(source)
+    assert fitted.size == expected
+    if expected == size:
+        assert fitted is source, "an image within the bound is passed through, not resampled"
 
 
 def test_alpha_flattened_on_white() -> None:
