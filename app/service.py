@@ -151,16 +151,20 @@ class OCRService:
         password: str | None = None,
         client: str = ANONYMOUS,
         charge_rate: bool = True,
+        done: frozenset[int] = frozenset(),
     ) -> AsyncIterator[AdmittedDocument]:
         """Open, select and reserve capacity, or refuse at once; always releases both.
 
         `charge_rate=False` is for work already charged to the client's rate (a job, at submit time).
+        `done` (1-based page numbers, a resumed job's stored pages) are not reserved: only the
+        pages still to run count against the limits.
         """
         self.check_started()
         document = await self.open(data, password=password)
         try:
             indices = self.select_pages(document, pages)
-            ticket = self.admission.admit(client, len(indices), charge_rate=charge_rate)
+            todo = sum(1 for index in indices if index + 1 not in done)
+            ticket = self.admission.admit(client, todo, charge_rate=charge_rate)
             try:
                 yield AdmittedDocument(document=document, indices=indices, ticket=ticket)
             finally:

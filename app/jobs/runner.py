@@ -230,11 +230,10 @@ class JobRunner:
         # The job's pages were charged to the client's rate at submit time; its log lines carry the job id.
         request_id.set(f"job:{record.id}")
         async with service.admit(
-            data, pages=record.pages_spec, password=record.password, client=record.owner, charge_rate=False
+            data, pages=record.pages_spec, password=record.password, client=record.owner, charge_rate=False, done=done
         ) as admitted:
             if not await self.store.mark_running(record.id):
                 return False
-            admitted.ticket.release(sum(1 for number in admitted.numbers if number in done))
             pages = service.iter_pages(admitted, skip=done)
             try:
                 async for page in pages:
