@@ -12,6 +12,7 @@ from typing import Any, Self
 import pytest
 from PIL import Image
 
+from app.blocks import parse_blocks
 from app.engines import EngineInfo, Sampling
 from app.errors import (
     CorruptDocument,
@@ -21,10 +22,10 @@ from app.errors import (
     EngineUnavailable,
     OCRError,
 )
-from app.results import Generation, PageError, PageResult, PageStatus
+from app.results import FinishedPage, Generation, PageError, PageResult, PageStatus
 from app.service import OCRService
 from tests.conftest import make_settings
-from tests.support.documents import make_pdf, make_png
+from tests.support.documents import make_pdf, make_png, page_id_of
 
 pytestmark = pytest.mark.anyio
 
@@ -217,24 +218,35 @@ async def test_seconds_measure_the_page() -> None:
 # --------------------------------------------------------------------------- documents
 
 
+class MarkerEngine(ScriptedEngine):
+    """Answers with the page marker it sees, so results can be matched to pages whatever the order."""
+
+    async def recognize(self, image: Image.Image, sampling: Sampling) -> Generation:
+        self.calls.append(sampling)
+        return clean(f"page text {page_id_of(image)}")
+
+
 async def test_pages_of_a_document_are_assembled_in_order() -> None:
-    engine = ScriptedEngine([clean(f"page text {n}") for n in range(3)])
+    engine = MarkerEngine()
     service = await started(engine)
     try:
-        result = await service.recognize(make_pdf(3))
+        result = await service.recognize(make_pdf(3, (200, 260)))
     finally:
         await service.close()
-    # One engine slot: pages run in document order, so page n got the n-th scripted text.
     assert [page.page for page in result.pages] == [1, 2, 3]
-    assert result.text == "page text 0\n\npage text 1\n\npage text 2"
+    assert result.text == "page text 1\n\npage text 2\n\npage text 3"
     assert (result.status, result.failed_pages) == ("ok", [])
     assert [block.page for block in result.blocks] == [1, 2, 3]
 
 
-def page(number: int, status: PageStatus = "ok", text: str | None = None, error: OCRError | None = None) -> PageResult:
+def page(
+    number: int, status: PageStatus = "ok", text: str | None = None, error: OCRError | None = None
+) -> FinishedPage:
+    """A finished page as the core hands it to `assemble`, with its blocks parsed from its text."""
+    body = "" if status == "failed" else (text if text is not None else f"text {number}")
     result = PageResult(
         page=number,
-        text="" if status == "failed" else (text if text is not None else f"text {number}"),
+        text=body,
         width=10,
         height=10,
         finish_reason=None if status == "failed" else "stop",
@@ -244,8 +256,7 @@ def page(number: int, status: PageStatus = "ok", text: str | None = None, error:
         attempts=1,
         error=None if error is None else PageError(code=error.code, message=error.message),
     )
-    result.exception = error
-    return result
+    return FinishedPage(result, parse_blocks(body, number))
 
 
 def assembler(**overrides: Any) -> OCRService:
@@ -300,7 +311,7 @@ def test_every_page_failing_the_same_way_is_that_error() -> None:
     error = CorruptDocument("cannot render")
     with pytest.raises(CorruptDocument) as caught:
         assembler().assemble([page(1, "failed", error=error), page(2, "failed", error=CorruptDocument("also"))])
-    assert caught.value is error
+    assert caught.value.message == "cannot render"
 
 
 def test_every_page_failing_in_different_ways_is_document_failed() -> None:

@@ -19,7 +19,7 @@ from PIL import Image
 from app.admission import Ticket
 from app.engines import EngineInfo, Sampling
 from app.jobs import JobRunner, NewJob, SqliteJobStore, WebhookSender
-from app.results import Generation, PageResult
+from app.results import FinishedPage, Generation, PageResult
 from app.service import OCRService
 from tests.conftest import make_settings
 from tests.support.documents import make_pdf
@@ -69,10 +69,11 @@ class HeldEngine:
         return None
 
 
-def finished_page(number: int) -> PageResult:
-    return PageResult(
+def finished_page(number: int) -> FinishedPage:
+    text = f"stored {number}"
+    result = PageResult(
         page=number,
-        text=f"stored {number}",
+        text=text,
         width=10,
         height=10,
         finish_reason="stop",
@@ -81,6 +82,7 @@ def finished_page(number: int) -> PageResult:
         status="ok",
         attempts=1,
     )
+    return FinishedPage(result, [])
 
 
 async def first_page_reached(engine: HeldEngine) -> None:
