@@ -50,7 +50,7 @@ def request_of(body: bytes, *, chunk: int = 4096, declare_length: bool = True) -
     headers = [(b"content-type", f"multipart/form-data; boundary={BOUNDARY}".encode())]
     if declare_length:
         headers.append((b"content-length", str(len(body)).encode()))
-    return Request({"type": "http", "method": "POST", "path": "/", "headers": headers}, receive)
+    return Request({"type": "http", "method": "POST", "path": "/", "query_string": b"", "headers": headers}, receive)
 
 
 async def read(body: bytes, *, limit: int = LIMIT, **options: int | bool) -> Upload:
@@ -93,7 +93,7 @@ async def test_a_declared_length_past_the_limit_and_overhead_is_refused_before_r
         (b"content-type", f"multipart/form-data; boundary={BOUNDARY}".encode()),
         (b"content-length", str(LIMIT + 64 * 1024 + 1).encode()),
     ]
-    request = Request({"type": "http", "method": "POST", "path": "/", "headers": headers}, never)
+    request = Request({"type": "http", "method": "POST", "path": "/", "query_string": b"", "headers": headers}, never)
     with pytest.raises(PayloadTooLarge):
         await read_upload(request, max_file_bytes=LIMIT, max_field_bytes=FIELD_LIMIT, timeout_s=10, idle_timeout_s=10)
     # Declared exactly at limit + overhead: read, and judged by what arrives.
@@ -104,7 +104,7 @@ async def test_a_declared_length_past_the_limit_and_overhead_is_refused_before_r
     async def receive() -> Message:
         return {"type": "http.request", "body": chunks.pop(0), "more_body": False}
 
-    request = Request({"type": "http", "method": "POST", "path": "/", "headers": headers}, receive)
+    request = Request({"type": "http", "method": "POST", "path": "/", "query_string": b"", "headers": headers}, receive)
     upload = await read_upload(
         request, max_file_bytes=LIMIT, max_field_bytes=FIELD_LIMIT, timeout_s=10, idle_timeout_s=10
     )
