@@ -529,6 +529,9 @@ def ocr(
     password = _password(password, password_file)
     url = _server_url(server) if server else None
     items = _plan(_expand(files), output_dir, fmt)
+    if not items:
+        err.print("[red]nothing to read: no PDFs or images in the given directories[/red]")
+        raise typer.Exit(2)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -311,6 +311,9 @@ def test_a_directory_reads_the_documents_inside_it(workdir: Path, vllm_service: 
     assert sorted(path.name for path in (workdir / "out").iterdir()) == ["photo.md", "report.md"]
     assert (workdir / "out" / "photo.md").read_text() == "page 5\n"
     assert "2 file(s) to read; skipped 1 that are not PDFs or images: notes.txt" in result.stderr
+    empty = invoke("ocr", str(folder / "sub"), "--server", url)
+    assert empty.exit_code == 2
+    assert "nothing to read" in empty.stderr
 
 
 def test_interrupt_keeps_finished_outputs_and_says_what_is_missing(
