@@ -131,8 +131,9 @@ class OCRService:
     async def open(self, data: bytes, *, password: str | None = None) -> Document:
         return await anyio.to_thread.run_sync(partial(open_document, data, limits=self._limits, password=password))
 
-    def select_pages(self, document: Document, pages: str | None) -> list[int]:
-        indices = parse_page_selection(pages, document.page_count)
+    def select_pages(self, document: Document, selection: str | None) -> list[int]:
+        """0-based indices of the pages `selection` names (the `pages` field as sent, e.g. '1-3,7'; None: all)."""
+        indices = parse_page_selection(selection, document.page_count)
         if len(indices) > self.settings.max_pages:
             raise TooManyPages(
                 f"{len(indices)} pages selected; the limit is {self.settings.max_pages} (MAX_PAGES). "
@@ -160,15 +161,26 @@ class OCRService:
         pages still to run count against the limits.
         """
         self.check_started()
-        document = await self.open(data, password=password)
-        try:
-            indices = self.select_pages(document, pages)
+        async with self.opened(data, pages=pages, password=password) as (document, indices):
             todo = sum(1 for index in indices if index + 1 not in done)
             ticket = self.admission.admit(client, todo, charge_rate=charge_rate)
             try:
                 yield AdmittedDocument(document=document, indices=indices, ticket=ticket)
             finally:
                 ticket.close()
+
+    @contextlib.asynccontextmanager
+    async def opened(
+        self, data: bytes, *, pages: str | None = None, password: str | None = None
+    ) -> AsyncIterator[tuple[Document, list[int]]]:
+        """The document opened (in a thread) with its selected page indices; closed however the block ends.
+
+        Every face opens documents through here: `admit`, `check_admission`, the web page's previews and a job's
+        page images.
+        """
+        document = await self.open(data, password=password)
+        try:
+            yield document, self.select_pages(document, pages)
         finally:
             await anyio.to_thread.run_sync(document.close)
 
@@ -179,11 +191,8 @@ class OCRService:
 
         Answers the selected page numbers (1-based). The engine need not be ready: the job waits for it.
         """
-        document = await self.open(data, password=password)
-        try:
-            indices = self.select_pages(document, pages)
-        finally:
-            await anyio.to_thread.run_sync(document.close)
+        async with self.opened(data, pages=pages, password=password) as (_, indices):
+            pass
         self.admission.admit(client, len(indices)).close()
         return [index + 1 for index in indices]
 

@@ -194,11 +194,8 @@ async def get_page_image(request: Request, service: Service, runner: Runner, job
     data = await runner.store.document(record.id)
     if data is None:
         raise JobNotFound(f"no job {job_id!r} (unknown, expired, or not yours)", job_id=job_id)
-    document = await service.open(data, password=record.password)
-    try:
+    async with service.opened(data, pages=str(page), password=record.password) as (document, _):
         png, _ = await anyio.to_thread.run_sync(page_png, document, page - 1)
-    finally:
-        await anyio.to_thread.run_sync(document.close)
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
 

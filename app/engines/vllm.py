@@ -31,8 +31,12 @@ _HEALTH_TIMEOUT_S = 5.0
 MIN_SIDE = 28
 
 
-class _Retryable(Exception):
-    """A failure worth another try: connection trouble, overload (429, 503) or a 5xx not tied to the page."""
+class _TransientFailure(Exception):
+    """A failure worth another try: connection trouble, overload (429, 503) or a 5xx not tied to the page.
+
+    Internal to this engine's retry loop (not `app.errors.Retryable`, which a client sees with Retry-After):
+    after the last try it becomes `EngineUnavailable` (connection) or `EngineError`.
+    """
 
     def __init__(self, message: str, *, connection: bool, summary: str = "") -> None:
         super().__init__(message)
@@ -147,7 +151,7 @@ class VLLMEngine(EngineBase):
         for attempt in range(1, attempts + 1):
             try:
                 return await self._post(payload)
-            except _Retryable as exc:
+            except _TransientFailure as exc:
                 if attempt == attempts:
                     # The detail (address, exception, upstream body) goes to the log under the
                     # request id; the client gets a message without internal addresses or reprs.
@@ -167,14 +171,14 @@ class VLLMEngine(EngineBase):
         try:
             response = await self.client.post("/chat/completions", json=payload)
         except httpx.ConnectTimeout as exc:
-            raise _Retryable(repr(exc), connection=True) from None
+            raise _TransientFailure(repr(exc), connection=True) from None
         except httpx.TimeoutException:
             # Not retried: a page that took VLLM_PAGE_TIMEOUT_S once would likely do it again.
             raise EngineTimeout(
                 f"vLLM did not answer a page within {self._settings.vllm_page_timeout_s:g}s (VLLM_PAGE_TIMEOUT_S)"
             ) from None
         except httpx.TransportError as exc:
-            raise _Retryable(repr(exc), connection=True) from None
+            raise _TransientFailure(repr(exc), connection=True) from None
         status = response.status_code
         if status == 200:
             return _parse_completion(response)
@@ -186,7 +190,7 @@ class VLLMEngine(EngineBase):
                 f"the model cannot process this page (vLLM answered HTTP {status})", upstream_status=status
             )
         if status >= 500 or status == 429:
-            raise _Retryable(f"HTTP {status}: {response.text[:200]}", connection=False, summary=f"HTTP {status}")
+            raise _TransientFailure(f"HTTP {status}: {response.text[:200]}", connection=False, summary=f"HTTP {status}")
         log.warning("vLLM refused a page with HTTP %d: %s", status, response.text[:500])
         raise EngineError(f"vLLM refused the page with HTTP {status}", upstream_status=status)
 

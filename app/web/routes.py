@@ -78,13 +78,9 @@ async def render(request: Request, service: Service) -> RenderedPages:
 async def _render_pages(
     service: OCRService, data: bytes, *, pages: str | None, password: str | None, limiter: anyio.CapacityLimiter
 ) -> RenderedPages:
-    document = await service.open(data, password=password)
-    try:
-        indices = service.select_pages(document, pages)
+    async with service.opened(data, pages=pages, password=password) as (document, indices):
         rendered = []
         for index in indices:  # one page at a time: memory holds one raw page, not the document
             png, (width, height) = await anyio.to_thread.run_sync(page_png, document, index, limiter=limiter)
             rendered.append(RenderedPage(page=index + 1, width=width, height=height, image=png_data_url(png)))
         return RenderedPages(pages=rendered)
-    finally:
-        await anyio.to_thread.run_sync(document.close)
