@@ -174,8 +174,8 @@ def uvicorn_workers() -> int:
     frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         for value in frame.f_locals.values():
-            if isinstance(value, Config):
-                return max(value.workers or 1, 1)
+            if isinstance(value, Config):  # with --reload uvicorn runs one process, whatever --workers says
+                return 1 if value.reload else max(value.workers or 1, 1)
         frame = frame.f_back
     return 1
 

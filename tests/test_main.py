@@ -118,6 +118,9 @@ def test_workers_are_read_from_the_importing_uvicorn() -> None:
     assert uvicorn_workers() == 1
     config = uvicorn.Config("app.main:app", workers=3)
     assert uvicorn_workers() == config.workers == 3
+    config.reload = True  # uvicorn then runs one process and ignores --workers
+    assert uvicorn_workers() == 1
+    config.reload = False
     refuse_several_workers(1)
     with pytest.raises(SettingsError, match="--workers 3"):
         refuse_several_workers(uvicorn_workers())
