@@ -289,7 +289,12 @@ async def _read_all(items: list[Item], read_one: ReadOne, fmt: OutputFormat, job
 def _in_process(settings: Settings) -> Settings:
     """The admission limits share a service between clients; here `--jobs` bounds the work instead."""
     return settings.model_copy(
-        update={"max_queued_pages": 2**31, "key_max_pages_in_flight": None, "rate_limit_pages_per_min": None}
+        update={
+            "max_queued_pages": 2**31,
+            "key_max_pages_in_flight": None,
+            "rate_limit_pages_per_min": None,
+            "model_load_retry_s": 0,  # a command fails at once when the model cannot load; a server retries
+        }
     )
 
 

@@ -24,7 +24,6 @@ from app.blocks import parse_blocks
 from app.engines import Engine, Sampling, build_engine
 from app.errors import (
     DocumentFailed,
-    EngineNotReady,
     EngineUnavailable,
     OCRError,
     RequestTimeout,
@@ -115,7 +114,9 @@ class OCRService:
     def check_started(self) -> None:
         retry_after = self.settings.retry_after_s
         if self._startup is None or not self._startup.done():
-            raise EngineNotReady("the model is still loading", retry_after=retry_after)
+            # The engine says what it is doing (loading, downloading, waiting for the hub).
+            kind, message = self.engine.startup_status()
+            raise kind(message, retry_after=retry_after)
         if self._startup.cancelled():
             raise EngineUnavailable("the engine was stopped", retry_after=retry_after)
         if (exc := self._startup.exception()) is not None:

@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     model_source: ModelSource = ModelSource.HUGGINGFACE
     model_name: str = "lightonai/LightOnOCR-2-1B"
     model_cache_dir: Path = Path("Model")
+    # huggingface engine: seconds between load attempts while the hub is unreachable or the weights are
+    # missing (0: fail once and stay unavailable).
+    model_load_retry_s: Annotated[float, Field(ge=0)] = 30
     device: Device = Device.CUDA
     max_file_size_mb: PositiveFloat = 10
 

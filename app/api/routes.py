@@ -163,7 +163,7 @@ class Info(BaseModel):
     model: str = Field(description="Model id or checkpoint (MODEL_NAME).", examples=["lightonai/LightOnOCR-2-1B"])
     model_version: str = Field(description="Short model name, as in results.", examples=["lightonocr-2-1b"])
     device: str = Field(description="Device really used (after any fallback), or the vLLM server.")
-    ready: bool = Field(description="Whether the engine has started (see /ready for a live check).")
+    ready: bool = Field(description="Whether a page sent now would be served: the same check as /ready.")
     sampling: dict[str, float] = Field(
         description="Sampling of first attempts.", examples=[{"temperature": 0.2, "top_p": 0.9}]
     )
@@ -180,11 +180,11 @@ class Info(BaseModel):
     description="Engine, model, device really used, API version, sampling and limits. Needs a key when keys are on.",
     responses=error_responses(401, 500),
 )
-async def info(service: Service) -> Info:
+async def info(request: Request, service: Service) -> Info:
     settings = service.settings
     engine = service.engine.info()
     try:
-        service.check_started()
+        await _check_ready(request, service)  # the same answer as /ready, not just "the engine has started"
         ready = True
     except ServiceUnavailable:
         ready = False
@@ -233,11 +233,16 @@ async def health() -> Status:
     responses=error_responses(503),
 )
 async def ready(request: Request, service: Service) -> Status | JSONResponse:
+    await _check_ready(request, service)
+    return Status()
+
+
+async def _check_ready(request: Request, service: Service) -> None:
+    """Readiness, for /ready and /info alike: the engine serves and the job runner is alive."""
     await service.check_ready()
     jobs: JobRunner | None = getattr(request.app.state, "jobs", None)
     if jobs is not None:
         jobs.check_alive()
-    return Status()
 
 
 @router.get(

@@ -7,6 +7,7 @@ from typing import Protocol, Self
 
 from PIL import Image
 
+from app.errors import EngineNotReady, ServiceUnavailable
 from app.results import Generation
 
 
@@ -46,6 +47,10 @@ class Engine(Protocol):
 
     def info(self) -> EngineInfo: ...
 
+    def startup_status(self) -> tuple[type[ServiceUnavailable], str]:
+        """While `start` runs: the error and message that say what it is doing (`/ready`, refused pages)."""
+        ...
+
     async def __aenter__(self) -> Self: ...
 
     async def __aexit__(self, *exc: object) -> None: ...
@@ -59,6 +64,9 @@ class EngineBase:
 
     async def close(self) -> None:
         raise NotImplementedError
+
+    def startup_status(self) -> tuple[type[ServiceUnavailable], str]:
+        return EngineNotReady, "the model is still loading"
 
     async def __aenter__(self) -> Self:
         await self.start()

@@ -14,7 +14,6 @@ import contextvars
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -25,7 +24,8 @@ if TYPE_CHECKING:
     from transformers import LightOnOcrForConditionalGeneration, LightOnOcrProcessor
 
 from app.engines.base import EngineBase, EngineInfo, Sampling
-from app.errors import EngineError, EngineNotReady, EngineUnavailable, PageRejected
+from app.engines.hub import resolve_checkpoint
+from app.errors import EngineError, EngineNotReady, EngineUnavailable, PageRejected, ServiceUnavailable
 from app.intake.document import pad_to_min_side
 from app.results import FinishReason, Generation
 from app.settings import Device, Settings
@@ -80,30 +80,54 @@ class HuggingFaceEngine(EngineBase):
         self._min_side = 0
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._batcher: asyncio.Task[None] | None = None
+        self._status: tuple[type[ServiceUnavailable], str] = (EngineNotReady, "the model is not loaded")
         # Sizes of recent `generate` batches: the evidence that concurrent pages are decoded together.
         self.batch_sizes: deque[int] = deque(maxlen=1000)
 
     # -- life cycle -------------------------------------------------------------------
 
     async def start(self) -> None:
-        await anyio.to_thread.run_sync(self._load)
+        """Load the model; while it cannot be loaded, say why in `check_health` and try again.
+
+        With MODEL_LOAD_RETRY_S > 0 a failed load (hub unreachable, offline with an empty
+        cache, no checkpoint in the MODEL_NAME directory yet) is retried on that schedule
+        until it succeeds, so the service becomes ready without a restart.
+        """
+        retry_s = self._settings.model_load_retry_s
+        last_failure = ""
+        while True:
+            self._set_status(EngineNotReady, "loading the model")
+            try:
+                await anyio.to_thread.run_sync(self._load)
+                break
+            except EngineUnavailable as exc:
+                if retry_s <= 0:
+                    self._set_status(EngineUnavailable, exc.message)
+                    raise
+                self._set_status(EngineUnavailable, f"{exc.message}; retrying in {retry_s:g} s")
+                if exc.message != last_failure:  # one line per new reason, not one per attempt
+                    log.warning("the model cannot be loaded: %s; retrying every %g s", exc.message, retry_s)
+                    last_failure = exc.message
+                await asyncio.sleep(retry_s)
         self._batcher = asyncio.create_task(self._run_batches(), name="hf-batcher")
+
+    def startup_status(self) -> tuple[type[ServiceUnavailable], str]:
+        return self._status
+
+    def _set_status(self, kind: type[ServiceUnavailable], message: str) -> None:
+        """What `check_health` answers until the model is in (set from the loading thread too)."""
+        self._status = (kind, message)
 
     def _load(self) -> None:
         settings = self._settings
         device = resolve_device(settings.device)
         source = settings.model_name
-        kwargs: dict[str, Any] = {}
-        if _looks_like_path(source) and not Path(source).expanduser().is_dir():
-            raise EngineUnavailable(
-                f"MODEL_NAME {source!r} looks like a local directory but none exists there. Fill it with "
-                f"`hf download lightonai/LightOnOCR-2-1B --local-dir {source}` (on a machine with "
-                "network access, then copy it), or set MODEL_NAME to a hub id."
-            )
-        if not Path(source).is_dir():
-            settings.model_cache_dir.mkdir(parents=True, exist_ok=True)
-            kwargs["cache_dir"] = str(settings.model_cache_dir)
-        log.info("loading %s on %s (%s)", source, device, dtype_for(device))
+        settings.model_cache_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint = resolve_checkpoint(
+            source, settings.model_cache_dir, lambda message: self._set_status(EngineNotReady, message)
+        )
+        self._set_status(EngineNotReady, f"loading the weights on {device}")
+        log.info("loading %s on %s (%s)", checkpoint, device, dtype_for(device))
         # Imported here, in the loading thread: importing torch takes seconds and must not hold up the
         # event loop (the app answers /health while this runs).
         from transformers import LightOnOcrForConditionalGeneration, LightOnOcrProcessor
@@ -112,9 +136,13 @@ class HuggingFaceEngine(EngineBase):
         hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
         try:
             # Explicit classes: the hub config says mistral3/Pixtral, which Auto* would pick wrongly.
-            processor = LightOnOcrProcessor.from_pretrained(source, **kwargs)
-            model = LightOnOcrForConditionalGeneration.from_pretrained(source, dtype=dtype_for(device), **kwargs)
-        except (OSError, ValueError) as exc:  # hub errors are OSError; a malformed repo id is a ValueError
+            # From a directory only: the hub, if needed, was consulted above.
+            processor = LightOnOcrProcessor.from_pretrained(checkpoint, local_files_only=True)
+            model = LightOnOcrForConditionalGeneration.from_pretrained(
+                checkpoint, dtype=dtype_for(device), local_files_only=True
+            )
+        except (OSError, ValueError) as exc:  # a missing file is an OSError; a bad config a ValueError
+            log.warning("cannot load the checkpoint in %s: %s", checkpoint, exc)
             raise EngineUnavailable(
                 f"cannot load model {source!r}: {exc}. If this machine is offline, download it elsewhere "
                 f"with `hf download {source} --cache-dir {settings.model_cache_dir}` and copy "
@@ -140,10 +168,12 @@ class HuggingFaceEngine(EngineBase):
             if not pending.future.done():
                 pending.future.set_exception(EngineUnavailable("the engine is shutting down"))
         self._model = None
+        self._set_status(EngineNotReady, "the model is not loaded")
 
     async def check_health(self) -> None:
         if self._model is None or self._batcher is None or self._batcher.done():
-            raise EngineNotReady("the model is not loaded", retry_after=self._settings.retry_after_s)
+            kind, message = self._status
+            raise kind(message, retry_after=self._settings.retry_after_s)
 
     def info(self) -> EngineInfo:
         device = str(self._device) if self._device is not None else f"{self._settings.device.value} (not loaded)"
@@ -302,11 +332,6 @@ def _free_accelerator_memory() -> None:
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
-
-
-def _looks_like_path(name: str) -> bool:
-    """Hub ids are `org/name`; anything absolute, relative-dotted or home-based is meant as a directory."""
-    return name.startswith(("/", "./", "../", "~")) or "\\" in name or name.count("/") > 1
 
 
 def _as_list(value: int | list[int] | None) -> list[int]:

@@ -252,6 +252,18 @@ def test_info_describes_the_vllm_engine(vllm_service: ServiceFactory, stub: Stub
     }
 
 
+def test_info_ready_agrees_with_ready_when_vllm_is_down(vllm_service: ServiceFactory, stub: StubVLLM) -> None:
+    """/info's `ready` was "the engine has started" only: true while /ready said 503."""
+    url = vllm_service()
+    assert httpx.get(f"{url}/info").json()["ready"] is True
+    stub.stop()  # vLLM goes away
+    ready = httpx.get(f"{url}/ready")
+    assert ready.status_code == 503
+    assert ready.json()["error"]["code"] == "engine_unavailable"
+    assert "127.0.0.1" not in ready.json()["error"]["message"]  # the address is in the log, not the answer
+    assert httpx.get(f"{url}/info").json()["ready"] is False
+
+
 # --------------------------------------------------------------------------- real documents
 
 

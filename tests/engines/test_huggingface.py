@@ -168,11 +168,12 @@ def assert_command_exists(message: str) -> None:
 @pytest.mark.usefixtures("offline_hub")
 async def test_unknown_hub_id_offline_is_unavailable_with_instructions(tmp_path: Path) -> None:
     name = "no-such-org-lightonocr-tests/no-such-model"
-    engine = HuggingFaceEngine(engine_settings(name, model_cache_dir=tmp_path / "cache"))
+    engine = HuggingFaceEngine(engine_settings(name, model_cache_dir=tmp_path / "cache", model_load_retry_s=0))
     with pytest.raises(EngineUnavailable) as raised:
         await engine.start()
     assert_tells_what_to_do(raised.value, name)
-    with pytest.raises(EngineNotReady):
+    assert "HF_HUB_OFFLINE" in raised.value.message  # says at once why, without trying the network
+    with pytest.raises(EngineUnavailable, match="HF_HUB_OFFLINE"):
         await engine.check_health()
     await engine.close()
 
@@ -180,7 +181,7 @@ async def test_unknown_hub_id_offline_is_unavailable_with_instructions(tmp_path:
 @pytest.mark.usefixtures("offline_hub")
 async def test_missing_local_directory_is_unavailable_with_instructions(tmp_path: Path) -> None:
     missing = str(tmp_path / "no-such-checkpoint")
-    engine = HuggingFaceEngine(engine_settings(missing, model_cache_dir=tmp_path / "cache"))
+    engine = HuggingFaceEngine(engine_settings(missing, model_cache_dir=tmp_path / "cache", model_load_retry_s=0))
     try:
         with pytest.raises(EngineUnavailable) as raised:
             await engine.start()
