@@ -22,6 +22,7 @@ import anyio
 from app.admission import Admission, FairScheduler, Ticket
 from app.blocks import parse_blocks
 from app.engines import Engine, Sampling, build_engine
+from app.engines.base import startup_status
 from app.errors import (
     DocumentFailed,
     EngineUnavailable,
@@ -115,7 +116,7 @@ class OCRService:
         retry_after = self.settings.retry_after_s
         if self._startup is None or not self._startup.done():
             # The engine says what it is doing (loading, downloading, waiting for the hub).
-            kind, message = self.engine.startup_status()
+            kind, message = startup_status(self.engine)
             raise kind(message, retry_after=retry_after)
         if self._startup.cancelled():
             raise EngineUnavailable("the engine was stopped", retry_after=retry_after)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, Self
 
@@ -47,13 +48,19 @@ class Engine(Protocol):
 
     def info(self) -> EngineInfo: ...
 
-    def startup_status(self) -> tuple[type[ServiceUnavailable], str]:
-        """While `start` runs: the error and message that say what it is doing (`/ready`, refused pages)."""
-        ...
-
     async def __aenter__(self) -> Self: ...
 
     async def __aexit__(self, *exc: object) -> None: ...
+
+
+def startup_status(engine: Engine) -> tuple[type[ServiceUnavailable], str]:
+    """While `start` runs: the error and message saying what the engine is doing (for /ready, refused pages).
+
+    An engine may define `startup_status()` (the huggingface engine does: downloading, waiting for
+    the hub); it is optional, so engines written against the protocol alone keep working.
+    """
+    status: Callable[[], tuple[type[ServiceUnavailable], str]] | None = getattr(engine, "startup_status", None)
+    return status() if status is not None else (EngineNotReady, "the model is still loading")
 
 
 class EngineBase:
@@ -64,9 +71,6 @@ class EngineBase:
 
     async def close(self) -> None:
         raise NotImplementedError
-
-    def startup_status(self) -> tuple[type[ServiceUnavailable], str]:
-        return EngineNotReady, "the model is still loading"
 
     async def __aenter__(self) -> Self:
         await self.start()
