@@ -6,14 +6,14 @@ outcome is chosen by the test: no HTTP, no model, no timing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any, Self
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 from PIL import Image
 
 from app.blocks import parse_blocks
-from app.engines import EngineInfo, Sampling
+from app.engines import Sampling
 from app.errors import (
     CorruptDocument,
     DocumentFailed,
@@ -26,10 +26,9 @@ from app.results import FinishedPage, Generation, PageError, PageResult, PageSta
 from app.service import OCRService
 from tests.conftest import make_settings
 from tests.support.documents import make_pdf, make_png, page_id_of
+from tests.support.engines import Outcome, ScriptedEngine
 
 pytestmark = pytest.mark.anyio
-
-Outcome = Generation | OCRError
 
 # Texts that the repetition rule (app/quality.py) does and does not flag.
 CLEAN = "# Title\n\nA page that ends normally."
@@ -56,45 +55,6 @@ def truncated(text: str = "cut off mid", tokens: int = 30) -> Generation:
 
 def truncated_loop(tokens: int = 40) -> Generation:
     return Generation(text=LOOP, finish_reason="length", tokens=tokens)
-
-
-class ScriptedEngine:
-    """Answers each `recognize` call with the next scripted outcome (a generation or an error to raise)."""
-
-    def __init__(self, outcomes: Iterable[Outcome] = ()) -> None:
-        self.outcomes = list(outcomes)
-        self.calls: list[Sampling] = []
-
-    async def start(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
-
-    async def check_health(self) -> None:
-        return None
-
-    async def recognize(self, image: Image.Image, sampling: Sampling) -> Generation:
-        self.calls.append(sampling)
-        if not self.outcomes:
-            raise AssertionError(f"unexpected attempt {len(self.calls)} at T={sampling.temperature}")
-        outcome = self.outcomes.pop(0)
-        if isinstance(outcome, OCRError):
-            raise outcome
-        return outcome
-
-    def info(self) -> EngineInfo:
-        return EngineInfo(engine="scripted", model="scripted", device="cpu", max_pages_in_flight=1)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
-
-    @property
-    def temperatures(self) -> list[float]:
-        return [sampling.temperature for sampling in self.calls]
 
 
 async def started(engine: ScriptedEngine, **overrides: Any) -> OCRService:

@@ -11,18 +11,17 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import pytest
-from PIL import Image
 
 from app.admission import Ticket
-from app.engines import EngineInfo, Sampling
 from app.jobs import JobRunner, NewJob, SqliteJobStore, WebhookSender
 from app.results import FinishedPage, Generation, PageResult
 from app.service import OCRService
 from tests.conftest import make_settings
 from tests.support.documents import make_pdf
+from tests.support.engines import FakeEngine
 
 pytestmark = pytest.mark.anyio
 
@@ -36,37 +35,18 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-class HeldEngine:
-    """Every page waits until `release` is set; `started` counts the pages that reached the engine."""
+class HeldEngine(FakeEngine):
+    """Every page waits until `release` is set; `asked` lists the pages that reached the engine."""
 
     def __init__(self) -> None:
+        super().__init__(self._held, window=4)
         self.release = asyncio.Event()
         self.reached = asyncio.Event()
-        self.started = 0
 
-    async def start(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
-
-    async def check_health(self) -> None:
-        return None
-
-    async def recognize(self, image: Image.Image, sampling: Sampling) -> Generation:
-        self.started += 1
+    async def _held(self, page: int) -> Generation:
         self.reached.set()
         await self.release.wait()
         return Generation(text="fresh", finish_reason="stop", tokens=1)
-
-    def info(self) -> EngineInfo:
-        return EngineInfo(engine="held", model="held", device="cpu", max_pages_in_flight=4)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
 
 
 def finished_page(number: int) -> FinishedPage:
@@ -89,7 +69,7 @@ async def first_page_reached(engine: HeldEngine) -> None:
     """Wait (bounded) until a page of the job reached the engine: it was admitted."""
     async with asyncio.timeout(10):
         await engine.reached.wait()
-    assert engine.started == 1
+    assert len(engine.asked) == 1
 
 
 @contextlib.asynccontextmanager
