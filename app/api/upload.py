@@ -59,6 +59,7 @@ class _Collector:
         self.max_file_bytes = max_file_bytes
         self.max_field_bytes = max_field_bytes
         self.accepted = accepted
+        self.received = 0  # all parts' bytes: a chunked body is held to what a declared length would be
         self.parts: list[_Part] = []
         self.complete = False  # set by the closing boundary; python-multipart's finalize() checks nothing
         self._header_field = bytearray()
@@ -107,8 +108,9 @@ class _Collector:
             part.data += data[start:end]
         # An unknown part is not kept: it is held to the file limit (a document under another name gets
         # `missing_file` with a hint, not a 413 for a form field).
+        self.received += end - start
         if part.name == FILE_FIELD or not part.known:
-            if part.size > self.max_file_bytes:
+            if part.size > self.max_file_bytes or self.received > self.max_file_bytes + _MULTIPART_OVERHEAD:
                 raise PayloadTooLarge(
                     f"the file is larger than the limit of {self.max_file_bytes:,} bytes (MAX_FILE_SIZE_MB)",
                     max_bytes=self.max_file_bytes,

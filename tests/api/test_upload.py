@@ -168,3 +168,16 @@ def test_oversize_upload_from_a_client_that_reads_only_at_the_end_gets_the_413(
     assert answer["error"]["code"] == "file_too_large"
     # The connection was left in order: the service answers the next request at once.
     assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+
+
+def test_unknown_parts_together_are_held_to_the_file_limit(vllm_service: ServiceFactory) -> None:
+    """Unknown parts are dropped as they arrive; several of them still cannot make the body exceed the limit."""
+    url = vllm_service(max_file_size_mb=1)
+    parts = [Part(f"extra{i}", b"x" * 900_000, f"{i}.bin") for i in range(4)] + [Part("file", good_png(), "a.png")]
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: only reading can refuse it
+        yield multipart(parts)
+
+    outcome = send(HttpRequest(form_type(), chunked), HOST, _port(url))
+    assert outcome.status == 413, outcome.body
+    assert json.loads(outcome.body)["error"]["code"] == "file_too_large"
