@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import ServiceFactory
 from tests.support.documents import make_image, make_pdf, make_png
+from tests.support.http import free_port
 from tests.support.openai_stub import StubVLLM
 
 Files = dict[str, Any]
@@ -162,10 +163,7 @@ def test_unknown_route_uses_error_shape(url: str) -> None:
 
 
 def test_vllm_unreachable_is_503_with_retry_after(vllm_service: ServiceFactory) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        closed_port = sock.getsockname()[1]
-    url = vllm_service(vllm_base_url=f"http://127.0.0.1:{closed_port}/v1", vllm_max_retries=1, retry_after_s=7)
+    url = vllm_service(vllm_base_url=f"http://127.0.0.1:{free_port()}/v1", vllm_max_retries=1, retry_after_s=7)
     response = post(url, {"file": ("a.png", make_png(200, 200))})
     assert_error(response, 503, "engine_unavailable")
     assert response.headers["retry-after"] == "7"

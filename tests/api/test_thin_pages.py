@@ -23,19 +23,19 @@ from app.main import create_app
 from tests.conftest import ServiceFactory, make_settings, wait_ready
 from tests.hostile.cases import THIN_SHAPES
 from tests.support.documents import make_png
+from tests.support.http import ok, post
 from tests.support.openai_stub import StubVLLM
 from tests.support.server import ServedApp
 
 NORMAL = [(300, 220), (220, 300), (280, 280)]
 
 
-def post(url: str, payload: bytes, name: str = "page.png") -> httpx.Response:
-    return httpx.post(f"{url}/api/inference", files={"file": (name, payload)}, timeout=120)
+def read(url: str, payload: bytes) -> httpx.Response:
+    return post(url, payload, "page.png", timeout=120)
 
 
 def page_of(response: httpx.Response) -> dict[str, Any]:
-    assert response.status_code == 200, response.text
-    (page,) = response.json()["pages"]
+    (page,) = ok(response)["pages"]
     assert page["status"] != "failed", page
     assert page.get("error") is None
     return dict(page)
@@ -56,7 +56,7 @@ def send_together(url: str, shapes: list[tuple[int, int]]) -> list[httpx.Respons
     def send(shape: tuple[int, int]) -> httpx.Response:
         payload = make_png(*shape, page_id=shapes.index(shape) + 1) if min(shape) >= 100 else make_png(*shape)
         barrier.wait(timeout=30)
-        return post(url, payload)
+        return read(url, payload)
 
     with ThreadPoolExecutor(len(shapes)) as pool:
         return list(pool.map(send, shapes))
@@ -85,7 +85,7 @@ def hf_batching(tiny_checkpoint: Path) -> Iterator[tuple[str, Callable[[], list[
 
 @pytest.mark.parametrize("shape", THIN_SHAPES, ids=[f"{w}x{h}" for w, h in THIN_SHAPES])
 def test_hf_thin_page_alone_is_read(hf_batching: tuple[str, Callable[[], list[int]]], shape: tuple[int, int]) -> None:
-    page = page_of(post(hf_batching[0], make_png(*shape)))
+    page = page_of(read(hf_batching[0], make_png(*shape)))
     assert (page["width"], page["height"]) == rendered_size(*shape)  # the page's own size, not the padding
 
 
@@ -111,7 +111,7 @@ def test_hf_thin_pages_among_concurrent_normal_pages_fail_nobody(
 def test_vllm_thin_page_alone_is_padded_and_read(
     vllm_service: ServiceFactory, stub: StubVLLM, shape: tuple[int, int]
 ) -> None:
-    page = page_of(post(vllm_service(), make_png(*shape)))
+    page = page_of(read(vllm_service(), make_png(*shape)))
     width, height = rendered_size(*shape)
     assert (page["width"], page["height"]) == (width, height)
     (request,) = stub.requests  # one request, no retries: the stand-in never saw a side under 28 px

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +21,7 @@ from app.results import Generation
 from app.settings import Settings
 from tests.conftest import make_settings
 from tests.support.documents import make_marked_image, page_id_of
+from tests.support.http import free_port
 from tests.support.openai_stub import DEFAULT_MODEL, Reply, SamplingParams, StubRequest, StubVLLM
 from tests.support.server import ServedApp
 
@@ -51,13 +51,6 @@ def page(page_id: int = 1) -> Image.Image:
 async def recognize_one(settings: Settings, image: Image.Image | None = None) -> Generation:
     async with VLLMEngine(settings) as engine:
         return await engine.recognize(image or page(), sampling_of(settings))
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 # --------------------------------------------------------------------------- request shape
@@ -243,7 +236,7 @@ async def test_page_timeout_is_not_retried(stub: StubVLLM) -> None:
 
 
 async def test_unreachable_server_is_unavailable() -> None:
-    settings = settings_for(f"http://127.0.0.1:{closed_port()}/v1", vllm_max_retries=1, retry_after_s=7)
+    settings = settings_for(f"http://127.0.0.1:{free_port()}/v1", vllm_max_retries=1, retry_after_s=7)
     async with VLLMEngine(settings) as engine:
         with pytest.raises(EngineUnavailable, match="unreachable") as health:
             await engine.check_health()
@@ -255,7 +248,7 @@ async def test_unreachable_server_is_unavailable() -> None:
 
 async def test_client_messages_carry_no_address_or_exception_repr(caplog: pytest.LogCaptureFixture) -> None:
     """What a client sees says what happened; the address and the exception go to the log."""
-    url = f"http://127.0.0.1:{closed_port()}/v1"
+    url = f"http://127.0.0.1:{free_port()}/v1"
     settings = settings_for(url, vllm_max_retries=1)
     async with VLLMEngine(settings) as engine:
         with pytest.raises(EngineUnavailable) as health:

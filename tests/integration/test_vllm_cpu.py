@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -38,6 +37,7 @@ from app.main import create_app
 from tests.conftest import corpus_document, make_settings
 from tests.hostile.cases import THIN_SHAPES
 from tests.support.documents import make_jpeg, make_pdf, make_png
+from tests.support.http import free_port
 from tests.support.server import ServedApp
 from tests.support.tiny_checkpoint import build_tiny_checkpoint
 
@@ -83,14 +83,6 @@ class VLLMServer:
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         text = self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
-
-
-def _free_port() -> int:
-    """A loopback port free right now (vLLM binds it itself, so there is a tiny race)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def server_command(python: str, checkpoint: Path, port: int) -> list[str]:
@@ -157,7 +149,7 @@ def vllm_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     """One real vLLM server for the module: starting it takes tens of seconds."""
     checkpoint = build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-lightonocr-vllm"))
     log_path = tmp_path_factory.mktemp("vllm-log") / "vllm.log"
-    port = _free_port()
+    port = free_port()  # vLLM binds it itself, so there is a tiny race
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
             server_command(_PYTHON, checkpoint, port),

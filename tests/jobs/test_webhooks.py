@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import hmac
 import json
-import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from app.jobs import NewJob, SqliteJobStore, WebhookSender, verify
 from tests.conftest import ServiceFactory
 from tests.jobs import submit, wait_job
 from tests.support.documents import make_pdf
+from tests.support.http import free_port
 from tests.support.openai_stub import Reply, StubRequest, StubVLLM
 from tests.support.server import ServedApp
 
@@ -122,9 +122,7 @@ def test_4xx_is_never_retried(stub: StubVLLM, jobs_service: Callable[..., str], 
 
 
 def test_connection_errors_are_retried_then_given_up(stub: StubVLLM, jobs_service: Callable[..., str]) -> None:
-    with socket.socket() as probe:  # a port nobody listens on: every attempt is refused
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # nobody listens on it: every attempt is refused
     url = jobs_service(webhook_max_attempts=3)
     job_id = submit(url, make_pdf(1, SMALL), callback_url=f"http://127.0.0.1:{port}/hook").json()["id"]
     job = wait_job(url, job_id, webhook_settled)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ import pytest
 from PIL import Image, ImageOps, ImageSequence
 
 from tests.support.documents import ImageFormat, make_image, make_jpeg, make_pdf, make_png, page_id_of
+from tests.support.http import free_port
 from tests.support.openai_stub import DEFAULT_MODEL, UNPROCESSABLE_MESSAGE, Reply, StubRequest, StubVLLM
 
 
@@ -310,9 +310,7 @@ def test_clean_shutdown_leaves_no_threads() -> None:
 
 
 def test_cli_serves() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "tests.support.openai_stub", "--port", str(port), "--latency-ms", "10"]
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
