@@ -10,9 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.api.test_overload import Gate
 from tests.conftest import ServiceFactory
 from tests.support.documents import make_pdf, make_png
+from tests.support.gate import Gate
 from tests.support.http import ok, post
 from tests.support.openai_stub import Reply, StubVLLM
 

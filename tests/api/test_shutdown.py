@@ -21,8 +21,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.api.test_overload import Gate
 from tests.support.documents import make_pdf
+from tests.support.gate import Gate
 from tests.support.http import free_port
 from tests.support.openai_stub import StubVLLM
 
