@@ -192,3 +192,45 @@ def test_unsigned_without_a_secret_and_timestamp_is_signed() -> None:
         assert not verify(SECRET, body.replace(b"1700000000", b"1800000000"), headers["X-LightOnOCR-Signature"])
 
     asyncio.run(encode())
+
+
+class SteppedClock:
+    """A wall clock that moves only when the sender sleeps through its backoff: retries are instant and exact."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def test_each_retry_has_a_fresh_timestamp_and_a_signature_that_verifies(receiver: tuple[Receiver, str]) -> None:
+    hook, hook_url = receiver
+    hook.statuses = [503, 500, 502]
+    clock = SteppedClock(1_700_000_000)
+
+    async def deliver() -> None:
+        sender = WebhookSender(
+            secret=SECRET, max_attempts=4, backoff_s=30, timeout_s=10, clock=clock, sleep=clock.sleep
+        )
+        try:
+            delivery = await sender.deliver(hook_url, {"id": "job-1", "status": "succeeded"})
+        finally:
+            await sender.aclose()
+        assert (delivery.delivered, delivery.attempts) == (True, 4)
+
+    asyncio.run(deliver())
+    assert clock.slept == [30, 60, 120]  # exponential backoff between the four attempts
+    timestamps = []
+    for headers, body in hook.received:
+        assert verify(SECRET, body, headers["x-lightonocr-signature"])
+        payload = json.loads(body)
+        assert payload["timestamp"] == int(headers["x-lightonocr-timestamp"])
+        assert (payload["id"], payload["status"]) == ("job-1", "succeeded")
+        timestamps.append(payload["timestamp"])
+    assert timestamps == [1_700_000_000, 1_700_000_030, 1_700_000_090, 1_700_000_210]
