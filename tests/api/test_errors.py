@@ -86,7 +86,11 @@ def test_too_many_pages_is_refused_not_cut(url: str, stub: StubVLLM) -> None:
     body = assert_error(post(url, {"file": ("x.pdf", make_pdf(5))}), 422, "too_many_pages")
     assert body["error"]["details"] == {"pages_selected": 5, "max_pages": 3}
     assert stub.requests == []  # refused before any page reached the engine
-    assert post(url, {"file": ("x.pdf", make_pdf(5))}, {"pages": "2-4"}).status_code == 200
+    # The same document with a selection within the limit is served, those pages only.
+    selected = post(url, {"file": ("x.pdf", make_pdf(5))}, {"pages": "2-4"})
+    assert selected.status_code == 200, selected.text
+    pages = [(page["page"], page["text"]) for page in selected.json()["pages"]]
+    assert pages == [(2, "page 2"), (3, "page 3"), (4, "page 4")]
 
 
 @pytest.mark.parametrize("pages", ["abc", "0", "3-1", "9", "1-9", "-2", "1,,2"])
