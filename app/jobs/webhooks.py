@@ -15,7 +15,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -80,11 +80,13 @@ class WebhookSender:
         backoff_s: float,
         timeout_s: float,
         clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.secret = secret
         self.max_attempts = max_attempts
         self.backoff_s = backoff_s
         self.clock = clock
+        self.sleep = sleep  # with `clock`, lets a test step through the backoff without waiting for it
         self._client = httpx.AsyncClient(timeout=timeout_s, follow_redirects=False)
 
     async def aclose(self) -> None:
@@ -103,7 +105,7 @@ class WebhookSender:
         error: str | None = None
         for attempt in range(1, self.max_attempts + 1):
             if attempt > 1:
-                await asyncio.sleep(self.backoff_s * 2 ** (attempt - 2))
+                await self.sleep(self.backoff_s * 2 ** (attempt - 2))
             body, headers = self.encode(payload)
             try:
                 response = await self._client.post(url, content=body, headers=headers)
