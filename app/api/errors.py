@@ -89,20 +89,26 @@ class ShutdownGuard:
             self.tasks.discard(task)
 
     async def _guarded(self, task: asyncio.Task[Any], scope: Scope, receive: Receive, send: Send) -> None:
-        started = False
-
-        async def watching_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        watched = WatchedSend(send)
         try:
-            await self.app(scope, receive, watching_send)
+            await self.app(scope, receive, watched)
         except asyncio.CancelledError:
             task.uncancel()  # answered here: the cancellation ends with this request
             log.warning("%s %s cut by the server's shutdown (past its grace period)", scope["method"], scope["path"])
-            if not started:
+            if not watched.started:
                 await error_json(shutting_down(scope))(scope, receive, send)
+
+
+class WatchedSend:
+    """An ASGI `send` that remembers whether the response started: after that, no JSON error can be sent."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.started = False
+
+    async def __call__(self, message: Message) -> None:
+        self.started = self.started or message["type"] == "http.response.start"
+        await self._send(message)
 
 
 def shutting_down(scope: Scope) -> ShuttingDown:

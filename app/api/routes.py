@@ -11,11 +11,11 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from app import __version__
 from app.api.deps import Service, read_document, until_disconnect
-from app.api.errors import shutting_down
+from app.api.errors import WatchedSend, shutting_down
 from app.api.openapi import error_responses, upload_schema
 from app.api.security import client_id
 from app.errors import ClientDisconnected, ServiceUnavailable
@@ -118,20 +118,14 @@ class EventStream(StreamingResponse):
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = False
-
-        async def watching_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        watched = WatchedSend(send)
         try:
             # Starlette notices a gone client only at the next write; watch for it so held pages are dropped now.
-            await until_disconnect(receive, super().__call__(scope, receive, watching_send))
+            await until_disconnect(receive, super().__call__(scope, receive, watched))
         except ClientDisconnected:
             pass
         except asyncio.CancelledError:
-            if not started:
+            if not watched.started:
                 raise  # ShutdownGuard answers the JSON 503
             # The server stops past its grace period (see ShutdownGuard): end the stream the documented way.
             task = asyncio.current_task()
