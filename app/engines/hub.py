@@ -10,6 +10,7 @@ retries on a schedule (MODEL_LOAD_RETRY_S). Blocking: run in a worker thread.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import threading
@@ -25,6 +26,9 @@ _CHECK_TIMEOUT_S = 10.0
 _PROGRESS_EVERY_S = 2.0  # how often /ready's message is refreshed during a download
 _LOG_EVERY_S = 15.0  # how often the download's progress is logged
 _MB = 1_000_000
+# What loading needs: configs, tokenizer, chat template and safetensors weights (not READMEs, pictures
+# or other weight formats a repository may also hold).
+CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
 
 Report = Callable[[str], None]
 
@@ -76,7 +80,11 @@ def resolve_checkpoint(model_name: str, cache_dir: Path, report: Report) -> Path
     except Exception as exc:  # connection refused, DNS, timeout, proxy: the hub cannot be reached
         log.warning("the hub at %s is unreachable: %s: %s", constants.ENDPOINT, type(exc).__name__, exc)
         raise EngineUnavailable(f"the model hub is unreachable (HF_ENDPOINT); {advice}") from None
-    total = sum(sibling.size or 0 for sibling in info.siblings or [])
+    total = sum(
+        sibling.size or 0
+        for sibling in info.siblings or []
+        if any(fnmatch.fnmatch(sibling.rfilename, pattern) for pattern in CHECKPOINT_FILES)
+    )
     return _download(model_name, info.sha, cache_dir, total, report, advice)
 
 
@@ -111,7 +119,7 @@ def _download(model_name: str, revision: str | None, cache_dir: Path, total: int
     log.info("downloading %s (%d MB) into %s", model_name, total // _MB, cache_dir)
     watcher.start()
     try:
-        path = snapshot_download(model_name, revision=revision, cache_dir=cache_dir)
+        path = snapshot_download(model_name, revision=revision, cache_dir=cache_dir, allow_patterns=CHECKPOINT_FILES)
     except Exception as exc:
         log.warning("downloading %s failed: %s: %s", model_name, type(exc).__name__, exc)
         raise EngineUnavailable(f"downloading {model_name!r} failed ({type(exc).__name__}); or {advice}") from None

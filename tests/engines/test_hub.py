@@ -7,7 +7,10 @@ by hand with the tiny checkpoint in the hub cache's layout, as `hf download --ca
 
 from __future__ import annotations
 
+import logging
+import re
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +19,7 @@ import httpx
 import huggingface_hub.constants
 import pytest
 
+from app.engines import hub
 from app.engines.hub import cached_snapshot
 from app.main import create_app
 from tests.conftest import make_settings, wait_ready
@@ -127,3 +131,32 @@ def test_an_incomplete_cache_is_not_taken_for_the_weights(tmp_path: Path, tiny_c
     (snapshot / "model.safetensors").unlink()
     assert cached_snapshot(HUB_ID, cache) is None
     assert cached_snapshot("other/model", cache) is None
+
+
+def test_download_progress_counts_bytes_on_disk_against_the_total(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What /ready and the log say during the first 2 GB download: MB on disk (partial files too) of the total."""
+    monkeypatch.setattr(hub, "_PROGRESS_EVERY_S", 0.01)
+    monkeypatch.setattr(hub, "_LOG_EVERY_S", 0.0)
+    repo = tmp_path / "models--org--name"
+    (repo / "blobs").mkdir(parents=True)
+    reports: list[str] = []
+    seen = threading.Event()
+
+    def report(message: str) -> None:
+        reports.append(message)
+        if message.startswith("downloading weights 830/2010 MB"):
+            seen.set()
+
+    done = threading.Event()
+    watcher = threading.Thread(target=hub._watch_download, args=(repo, 2010 * 1_000_000, report, done))
+    with caplog.at_level(logging.INFO, logger="app.engines.hub"):
+        watcher.start()
+        with (repo / "blobs" / "abc.incomplete").open("wb") as partial:
+            partial.truncate(830 * 1_000_000)  # a sparse file: its size, without writing 830 MB
+        assert seen.wait(30), reports
+        done.set()
+        watcher.join(30)
+    assert re.fullmatch(r"downloading weights 830/2010 MB, \d+ MB/s", reports[-1])
+    assert any("downloading weights 830/2010 MB" in record.getMessage() for record in caplog.records)
