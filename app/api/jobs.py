@@ -124,11 +124,13 @@ async def list_jobs(request: Request, runner: Runner, limit: Annotated[int, Quer
     "until a page finished. `pages` holds the finished pages so far (as in /api/inference), in page order.",
     responses=error_responses(401, 404),
 )
-async def get_job(request: Request, runner: Runner, job_id: str) -> JobDetail:
+async def get_job(request: Request, runner: Runner, job_id: str) -> Response:
     record = await _job(request, runner, job_id)
     pages = await runner.store.pages(record.id)
     summary = summarize(record, runner.clock())
-    return JobDetail(**summary.model_dump(), pages=[page.result for page in pages])
+    detail = JobDetail(**summary.model_dump(), pages=[page.result for page in pages])
+    # Encoded off the event loop: a long job's finished pages are megabytes of JSON.
+    return Response(await anyio.to_thread.run_sync(detail.model_dump_json), media_type="application/json")
 
 
 @router.get(

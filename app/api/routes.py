@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Literal
 
+import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
@@ -73,7 +74,8 @@ async def inference(request: Request, service: Service) -> Response:
         result = await until_disconnect(
             request.receive, service.recognize(upload.data, pages=pages, password=password, client=client)
         )
-        return JSONResponse(result.model_dump(mode="json"))
+        # Encoded off the event loop: a long document's result is megabytes of JSON.
+        return Response(await anyio.to_thread.run_sync(result.model_dump_json), media_type="application/json")
     media_type, encode = stream_format
     resources = contextlib.AsyncExitStack()
     async with contextlib.AsyncExitStack() as on_error:

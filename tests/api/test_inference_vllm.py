@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from app.results import DocumentResult
 from tests.conftest import CORPUS, ServiceFactory, corpus_manifest
 from tests.support.documents import ImageFormat, make_image, make_pdf, page_id_of
 from tests.support.http import ok, post
@@ -292,3 +293,24 @@ def test_corpus_documents_have_the_right_page_count(vllm_service: ServiceFactory
             assert max(page["width"], page["height"]) <= 1540, document["id"]
             assert page["text"] == f"image {page['width']}x{page['height']}", document["id"]
     assert stub.violations == []
+
+
+def test_the_json_answer_is_encoded_off_the_event_loop(
+    vllm_service: ServiceFactory, stub: StubVLLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 100-page result is megabytes of JSON: encoding it on the loop would stall every other request."""
+    on_loop: list[bool] = []
+    encode = DocumentResult.model_dump_json
+
+    def recording(self: DocumentResult, **kwargs: Any) -> str:
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return encode(self, **kwargs)
+
+    monkeypatch.setattr(DocumentResult, "model_dump_json", recording)
+    body = ok(post(vllm_service(), small_pdf(2)))
+    assert [page["page"] for page in body["pages"]] == [1, 2]
+    assert on_loop == [False]

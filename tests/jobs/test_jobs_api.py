@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from app.jobs import JobDetail
 from tests.conftest import ServiceFactory
 from tests.jobs import Job, submit, wait_job, wait_status
 from tests.support.documents import make_pdf, page_id_of
@@ -372,3 +373,28 @@ def test_a_job_blocked_on_an_unreachable_engine_says_so(stub: StubVLLM, jobs_ser
     done = wait_status(url, job_id, "succeeded")
     assert done["waiting"] is None
     assert [page["text"] for page in done["pages"]] == ["back", "back"]
+
+
+def test_a_job_with_its_pages_is_encoded_off_the_event_loop(
+    stub: StubVLLM, jobs_service: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long job's detail carries every finished page: encoding it on the loop would stall every other request."""
+    url = jobs_service()
+    job_id = submit(url, make_pdf(2, SMALL)).json()["id"]
+    wait_status(url, job_id, "succeeded")
+    on_loop: list[bool] = []
+    encode = JobDetail.model_dump_json
+
+    def recording(self: JobDetail, **kwargs: Any) -> str:
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return encode(self, **kwargs)
+
+    monkeypatch.setattr(JobDetail, "model_dump_json", recording)
+    response = httpx.get(f"{url}/api/jobs/{job_id}", timeout=10)
+    assert response.status_code == 200, response.text
+    assert [page["page"] for page in response.json()["pages"]] == [1, 2]
+    assert on_loop == [False]
