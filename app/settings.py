@@ -167,9 +167,19 @@ class Settings(BaseSettings):
     @field_validator("vllm_base_url")
     @classmethod
     def _url_has_scheme(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return value.rstrip("/")
+        """One URL, or a comma-separated fleet; each may end in `#capacity=N` (its own MAX_CONCURRENT_PAGES)."""
+        urls = [item.strip() for item in value.split(",") if item.strip()]
+        if not urls:
+            raise ValueError("must name at least one URL")
+        for url in urls:
+            parse_vllm_endpoint(url)
+        return ",".join(url.rstrip("/") for url in urls)
+
+    @property
+    def vllm_endpoints(self) -> list[tuple[str, int]]:
+        """(base URL, pages in flight) for each vLLM server of VLLM_BASE_URL."""
+        endpoints = [parse_vllm_endpoint(url) for url in self.vllm_base_url.split(",")]
+        return [(url, capacity or self.max_concurrent_pages) for url, capacity in endpoints]
 
     @field_validator("model_name")
     @classmethod
@@ -209,6 +219,20 @@ class Settings(BaseSettings):
     def model_version(self) -> str:
         """Short model name for responses: `lightonai/LightOnOCR-2-1B` -> `lightonocr-2-1b`."""
         return Path(self.model_name.rstrip("/")).name.lower()
+
+
+def parse_vllm_endpoint(item: str) -> tuple[str, int | None]:
+    """`http://host:8001/v1#capacity=32` -> (`http://host:8001/v1`, 32); no fragment -> (url, None)."""
+    url, _, fragment = item.strip().partition("#")
+    if not url.startswith(("http://", "https://")):
+        raise ValueError("each URL must start with http:// or https://")
+    capacity: int | None = None
+    if fragment:
+        key, _, number = fragment.partition("=")
+        if key != "capacity" or not number.isdigit() or int(number) < 1:
+            raise ValueError(f"{item!r}: the only fragment understood is #capacity=N (N >= 1)")
+        capacity = int(number)
+    return url.rstrip("/"), capacity
 
 
 class SettingsError(Exception):

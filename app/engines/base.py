@@ -22,6 +22,18 @@ class Sampling:
 
 
 @dataclass(frozen=True, slots=True)
+class EndpointState:
+    """One remote server of an engine (a vLLM fleet member), as /info and /metrics show it."""
+
+    url: str  # without credentials
+    healthy: bool
+    capacity: int  # pages it may hold in flight
+    in_flight: int
+    pages: int  # pages it answered
+    errors: int  # failed attempts (connection errors, 5xx, timeouts)
+
+
+@dataclass(frozen=True, slots=True)
 class EngineInfo:
     engine: str
     model: str
@@ -29,6 +41,8 @@ class EngineInfo:
     # How many pages a document should keep rendered and waiting for this engine:
     # enough to keep it busy, few enough to bound memory.
     max_pages_in_flight: int
+    # Remote servers behind the engine (vLLM); empty for an in-process engine.
+    endpoints: tuple[EndpointState, ...] = ()
 
 
 class Engine(Protocol):

@@ -1,13 +1,17 @@
-"""Engine that sends pages to a vLLM server over its OpenAI-compatible API.
+"""Engine that sends pages to one vLLM server, or a fleet of them, over the OpenAI-compatible API.
 
 vLLM batches concurrent requests itself, so this engine never batches: every
 page is its own request, and throughput comes from keeping up to
-MAX_CONCURRENT_PAGES of them in flight (one semaphore shared by all documents).
+MAX_CONCURRENT_PAGES of them in flight per server (shared by all documents).
+With several servers (`VLLM_BASE_URL=a,b,c`) each page goes to the least loaded
+healthy one (`app/engines/fleet.py`); a failing server leaves the rotation and is
+probed on /models every `PROBE_INTERVAL_S` until it serves MODEL_NAME again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from typing import Any
@@ -17,6 +21,7 @@ import httpx
 from PIL import Image
 
 from app.engines.base import EngineBase, EngineInfo, Sampling
+from app.engines.fleet import Endpoint, Fleet, display_url
 from app.errors import EngineError, EngineTimeout, EngineUnavailable, PageRejected
 from app.imaging import encode_png, png_data_url
 from app.intake.document import pad_to_min_side
@@ -26,6 +31,8 @@ from app.settings import Settings
 log = logging.getLogger(__name__)
 
 _HEALTH_TIMEOUT_S = 5.0
+# How often a server out of the rotation is probed on /models.
+PROBE_INTERVAL_S = 3.0
 # vLLM resizes pages to whole 28-px merged patches and fails on a side shorter than that
 # (REFERENCE.md; LightOnOCR's profile: patch 14 x spatial merge 2). Shorter sides are padded.
 MIN_SIDE = 28
@@ -38,73 +45,139 @@ class _TransientFailure(Exception):
     after the last try it becomes `EngineUnavailable` (connection) or `EngineError`.
     """
 
-    def __init__(self, message: str, *, connection: bool, summary: str = "") -> None:
+    def __init__(self, message: str, *, connection: bool, summary: str = "", overload: bool = False) -> None:
         super().__init__(message)
         self.connection = connection
         self.summary = summary  # what the client may see (no addresses, no reprs)
+        self.overload = overload  # 429: the server is busy, not broken (it stays in the rotation)
 
 
 class VLLMEngine(EngineBase):
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._base_url = settings.vllm_base_url
-        self._semaphore = asyncio.Semaphore(settings.max_concurrent_pages)
-        self._client: httpx.AsyncClient | None = None
-        self._last_health_problem: str | None = None
-
-    def _health_problem(self, detail: str) -> None:
-        """Log the detail (address, exception) once per change: probes call this every few seconds."""
-        if detail != self._last_health_problem:
-            log.warning("%s", detail)
-            self._last_health_problem = detail
+        self._endpoints = settings.vllm_endpoints
+        self._fleet: Fleet | None = None
+        self._prober: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         headers = {"Authorization": f"Bearer {self._settings.vllm_api_key}"} if self._settings.vllm_api_key else {}
-        slots = self._settings.max_concurrent_pages
-        self._client = httpx.AsyncClient(
-            base_url=self._base_url,
-            headers=headers,
-            timeout=httpx.Timeout(self._settings.vllm_page_timeout_s, connect=10.0),
-            # Two connections beyond the page semaphore so /ready's health check never waits behind pages.
-            limits=httpx.Limits(max_connections=slots + 2, max_keepalive_connections=slots + 2),
-        )
+        endpoints = []
+        for index, (url, capacity) in enumerate(self._endpoints):
+            client = httpx.AsyncClient(
+                base_url=url,
+                headers=headers,
+                timeout=httpx.Timeout(self._settings.vllm_page_timeout_s, connect=10.0),
+                # Two connections beyond the page slots so health checks never wait behind pages.
+                limits=httpx.Limits(max_connections=capacity + 2, max_keepalive_connections=capacity + 2),
+            )
+            endpoints.append(Endpoint(index=index, url=url, capacity=capacity, client=client))
+        self._fleet = Fleet(endpoints)
+        self._prober = asyncio.create_task(self._probe_forever(), name="vllm-probes")
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        if self._prober is not None:
+            self._prober.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._prober
+            self._prober = None
+        if self._fleet is not None:
+            for endpoint in self._fleet.endpoints:
+                await endpoint.client.aclose()
+            self._fleet = None
+
+    @property
+    def fleet(self) -> Fleet:
+        if self._fleet is None:
+            raise RuntimeError("VLLMEngine used before start()")
+        return self._fleet
 
     @property
     def client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            raise RuntimeError("VLLMEngine used before start()")
-        return self._client
+        """The first server's client (the only one with a single URL)."""
+        return self.fleet.endpoints[0].client
 
     def info(self) -> EngineInfo:
+        urls = [display_url(url) for url, _ in self._endpoints]
+        device = f"remote ({urls[0]})" if len(urls) == 1 else f"remote ({len(urls)} vLLM servers)"
+        fleet = self._fleet
         return EngineInfo(
             engine="vllm",
             model=self._settings.model_name,
-            device=f"remote ({self._base_url})",
-            max_pages_in_flight=self._settings.max_concurrent_pages,
+            device=device,
+            max_pages_in_flight=sum(capacity for _, capacity in self._endpoints),
+            endpoints=tuple(endpoint.state() for endpoint in fleet.endpoints) if fleet is not None else (),
         )
 
+    def _health_problem(self, endpoint: Endpoint, detail: str) -> None:
+        """Log the detail (address, exception) once per change: probes call this every few seconds."""
+        if detail != endpoint.last_problem:
+            log.warning("%s", detail)
+            endpoint.last_problem = detail
+
+    def _mark_down(self, endpoint: Endpoint, reason: str) -> None:
+        if self.fleet.mark_down(endpoint) and len(self.fleet.endpoints) > 1:
+            log.warning("vLLM server %s left the rotation (%s)", endpoint.display, reason)
+
+    def _mark_up(self, endpoint: Endpoint) -> None:
+        if self.fleet.mark_up(endpoint) and len(self.fleet.endpoints) > 1:
+            log.warning("vLLM server %s is back in the rotation", endpoint.display)
+
     async def check_health(self) -> None:
-        """Ready means: the server answers and serves MODEL_NAME."""
+        """Ready means: at least one server answers and serves MODEL_NAME (each one is checked now)."""
+        fleet = self.fleet
+        outcomes = await asyncio.gather(
+            *(self._check_endpoint(endpoint) for endpoint in fleet.endpoints), return_exceptions=True
+        )
+        problems: list[EngineUnavailable] = []
+        for endpoint, outcome in zip(fleet.endpoints, outcomes, strict=True):
+            if isinstance(outcome, EngineUnavailable):
+                problems.append(outcome)
+                self._mark_down(endpoint, "health check failed")
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                self._mark_up(endpoint)
+        if len(problems) < len(fleet.endpoints):
+            return
+        if len(problems) == 1:
+            raise problems[0]
+        raise EngineUnavailable(
+            f"none of the {len(problems)} vLLM servers can serve (see VLLM_BASE_URL and the log); "
+            f"first: {problems[0].message}",
+            retry_after=self._settings.retry_after_s,
+        )
+
+    async def _probe_forever(self) -> None:
+        """Every PROBE_INTERVAL_S, bring back the servers out of the rotation that serve MODEL_NAME again."""
+        while True:
+            await asyncio.sleep(PROBE_INTERVAL_S)
+            down = [endpoint for endpoint in self.fleet.endpoints if not endpoint.healthy]
+            outcomes = await asyncio.gather(*(self._check_endpoint(e) for e in down), return_exceptions=True)
+            for endpoint, outcome in zip(down, outcomes, strict=True):
+                if outcome is None:
+                    self._mark_up(endpoint)
+                elif not isinstance(outcome, EngineUnavailable):
+                    log.warning("probing vLLM server %s failed unexpectedly: %r", endpoint.display, outcome)
+
+    async def _check_endpoint(self, endpoint: Endpoint) -> None:
+        """Raise EngineUnavailable unless this server answers and serves MODEL_NAME."""
         retry_after = self._settings.retry_after_s
         try:
-            response = await self.client.get("/models", timeout=_HEALTH_TIMEOUT_S)
+            response = await endpoint.client.get("/models", timeout=_HEALTH_TIMEOUT_S)
         except httpx.HTTPError as exc:
-            self._health_problem(f"vLLM server at {self._base_url} is unreachable: {exc!r}")
+            self._health_problem(endpoint, f"vLLM server at {endpoint.display} is unreachable: {exc!r}")
             raise EngineUnavailable(
                 "the vLLM server is unreachable (see VLLM_BASE_URL and the log)", retry_after=retry_after
             ) from None
         if response.status_code != 200:
-            self._health_problem(f"vLLM server at {self._base_url} answered {response.status_code} to /models")
+            self._health_problem(
+                endpoint, f"vLLM server at {endpoint.display} answered {response.status_code} to /models"
+            )
             raise EngineUnavailable(
                 f"the vLLM server answered HTTP {response.status_code} to /models",
                 retry_after=retry_after,
             )
-        self._last_health_problem = None
+        endpoint.last_problem = None
         try:
             models = {str(model["id"]): model for model in response.json()["data"]}
         except (ValueError, KeyError, TypeError):
@@ -143,42 +216,70 @@ class VLLMEngine(EngineBase):
         # Encoding (PNG and base64) happens in a worker thread before taking a slot, so it
         # overlaps with pages in flight and never blocks the event loop.
         payload = await anyio.to_thread.run_sync(self.encode_page, image, sampling)
-        async with self._semaphore:
-            return await self._post_with_retries(payload)
+        return await self._post_with_retries(payload)
 
     async def _post_with_retries(self, payload: dict[str, Any]) -> Generation:
+        """Each attempt takes a slot on the best server; after a failure the next prefers another server.
+
+        Attempts are sequential, so a page is never at two servers at once; a page whose server died is
+        sent again elsewhere within VLLM_MAX_RETRIES.
+        """
+        fleet = self.fleet
         attempts = self._settings.vllm_max_retries + 1
+        failed: Endpoint | None = None
         for attempt in range(1, attempts + 1):
+            endpoint = await fleet.acquire(avoid=failed)
             try:
-                return await self._post(payload)
+                generation = await self._post(endpoint, payload)
             except _TransientFailure as exc:
+                endpoint.errors += 1
+                if not exc.overload:
+                    self._mark_down(endpoint, exc.summary or "connection failed")
+                failed = endpoint
                 if attempt == attempts:
                     # The detail (address, exception, upstream body) goes to the log under the
                     # request id; the client gets a message without internal addresses or reprs.
-                    log.warning("vLLM server at %s failed %d times; last: %s", self._base_url, attempts, exc)
+                    log.warning("vLLM server at %s failed %d times; last: %s", endpoint.display, attempts, exc)
                     if exc.connection:
                         raise EngineUnavailable(
                             f"the vLLM server could not be reached ({attempts} attempts)",
                             retry_after=self._settings.retry_after_s,
                         ) from None
                     raise EngineError(f"the vLLM server failed {attempts} times ({exc.summary})") from None
-                delay = self._settings.vllm_retry_backoff_s * 2 ** (attempt - 1)
-                log.debug("vLLM request failed (%s); retry %d/%d in %.2fs", exc, attempt, attempts - 1, delay)
-                await asyncio.sleep(delay * (0.5 + random.random()))
+            except EngineTimeout:
+                endpoint.errors += 1
+                self._mark_down(endpoint, "page timeout")
+                raise
+            else:
+                endpoint.pages += 1
+                if not endpoint.healthy:
+                    self._mark_up(endpoint)  # it answered a page: it serves again
+                return generation
+            finally:
+                fleet.release(endpoint)
+            if any(e.healthy and e is not failed for e in fleet.endpoints):
+                # Another server can take the page now: move it there without waiting.
+                log.debug(
+                    "vLLM request failed at %s; moving the page (retry %d/%d)", failed.display, attempt, attempts - 1
+                )
+                continue
+            delay = self._settings.vllm_retry_backoff_s * 2 ** (attempt - 1)
+            log.debug("vLLM request failed; retry %d/%d in %.2fs", attempt, attempts - 1, delay)
+            await asyncio.sleep(delay * (0.5 + random.random()))
         raise AssertionError("unreachable")
 
-    async def _post(self, payload: dict[str, Any]) -> Generation:
+    async def _post(self, endpoint: Endpoint, payload: dict[str, Any]) -> Generation:
         try:
-            response = await self.client.post("/chat/completions", json=payload)
+            response = await endpoint.client.post("/chat/completions", json=payload)
         except httpx.ConnectTimeout as exc:
-            raise _TransientFailure(repr(exc), connection=True) from None
+            raise _TransientFailure(repr(exc), connection=True, summary="connect timeout") from None
         except httpx.TimeoutException:
             # Not retried: a page that took VLLM_PAGE_TIMEOUT_S once would likely do it again.
             raise EngineTimeout(
                 f"vLLM did not answer a page within {self._settings.vllm_page_timeout_s:g}s (VLLM_PAGE_TIMEOUT_S)"
             ) from None
         except httpx.TransportError as exc:
-            raise _TransientFailure(repr(exc), connection=True) from None
+            raise _TransientFailure(repr(exc), connection=True, summary="connection failed") from None
         status = response.status_code
         if status == 200:
             return _parse_completion(response)
@@ -190,7 +291,12 @@ class VLLMEngine(EngineBase):
                 f"the model cannot process this page (vLLM answered HTTP {status})", upstream_status=status
             )
         if status >= 500 or status == 429:
-            raise _TransientFailure(f"HTTP {status}: {response.text[:200]}", connection=False, summary=f"HTTP {status}")
+            raise _TransientFailure(
+                f"HTTP {status}: {response.text[:200]}",
+                connection=False,
+                summary=f"HTTP {status}",
+                overload=status == 429,
+            )
         log.warning("vLLM refused a page with HTTP %d: %s", status, response.text[:500])
         raise EngineError(f"vLLM refused the page with HTTP {status}", upstream_status=status)
 

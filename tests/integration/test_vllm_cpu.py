@@ -370,9 +370,9 @@ def test_real_vllm_refusal_of_an_unpadded_thin_page_is_not_retried(
         async with VLLMEngine(settings) as engine:
             original = engine._post
 
-            async def counted(payload: dict[str, Any]) -> Any:
+            async def counted(endpoint: Any, payload: dict[str, Any]) -> Any:
                 posts.append(1)
-                return await original(payload)
+                return await original(endpoint, payload)
 
             monkeypatch.setattr(engine, "_post", counted)
             with pytest.raises(PageRejected):
