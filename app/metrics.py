@@ -7,14 +7,18 @@ so they can never drift from the real counters.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
+from app.engines.base import EndpointState
 from app.results import PageResult
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 Reading = Callable[[], float]
+EndpointReading = Callable[[], Sequence[EndpointState]]
 PAGE_STATUSES = ("ok", "retried", "truncated", "repetitive", "failed")
 
 # A page takes from ~0.2 s (GPU, vLLM) to minutes (CPU).
@@ -77,6 +81,13 @@ class Metrics:
         self.in_flight.set_function(in_flight)
         self.waiting.set_function(waiting)
 
+    def track_endpoints(self, read: EndpointReading) -> None:
+        """Per-server series of the engine's remote servers (a vLLM fleet), read at every scrape.
+
+        Labelled by the configured URL (credentials removed), so the label set is bounded by VLLM_BASE_URL.
+        """
+        self.registry.register(_EndpointCollector(read))
+
     def observe_page(self, page: PageResult) -> None:
         self.pages.labels(page.status).inc()
         self.page_seconds.observe(page.seconds)
@@ -96,3 +107,41 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _EndpointCollector(Collector):
+    """Reads the engine's endpoint states when scraped: the numbers can never drift from the engine's own."""
+
+    def __init__(self, read: EndpointReading) -> None:
+        self._read = read
+
+    def describe(self) -> list[GaugeMetricFamily | CounterMetricFamily]:
+        return []  # series depend on the engine; nothing to check at registration
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        endpoints = self._read()
+        healthy = GaugeMetricFamily(
+            "lightonocr_endpoint_healthy",
+            "1 while the vLLM server is in the rotation, 0 while out.",
+            labels=["endpoint"],
+        )
+        in_flight = GaugeMetricFamily(
+            "lightonocr_endpoint_pages_in_flight", "Pages at the vLLM server now.", labels=["endpoint"]
+        )
+        capacity = GaugeMetricFamily(
+            "lightonocr_endpoint_capacity", "Pages the vLLM server may hold in flight.", labels=["endpoint"]
+        )
+        pages = CounterMetricFamily("lightonocr_endpoint_pages", "Pages the vLLM server answered.", labels=["endpoint"])
+        errors = CounterMetricFamily(
+            "lightonocr_endpoint_errors",
+            "Failed attempts at the vLLM server (connection errors, 5xx, 429, timeouts).",
+            labels=["endpoint"],
+        )
+        for endpoint in endpoints:
+            label = [endpoint.url]
+            healthy.add_metric(label, 1.0 if endpoint.healthy else 0.0)
+            in_flight.add_metric(label, endpoint.in_flight)
+            capacity.add_metric(label, endpoint.capacity)
+            pages.add_metric(label, endpoint.pages)
+            errors.add_metric(label, endpoint.errors)
+        yield from (healthy, in_flight, capacity, pages, errors)

@@ -86,6 +86,7 @@ class OCRService:
             in_flight=lambda: self.scheduler.busy,
             waiting=lambda: self.scheduler.waiting,
         )
+        self.metrics.track_endpoints(lambda: self.engine.info().endpoints)
 
     # -- life cycle ----------------------------------------------------------------------
 

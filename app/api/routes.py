@@ -151,6 +151,17 @@ class Limits(BaseModel):
     )
 
 
+class Endpoint(BaseModel):
+    url: str = Field(description="The vLLM server's base URL, without credentials.", examples=["http://vllm-0:8001/v1"])
+    state: Literal["healthy", "down"] = Field(
+        description="`healthy`: in the rotation; `down`: it failed and is probed until it serves MODEL_NAME again."
+    )
+    capacity: int = Field(description="Pages it may hold in flight (MAX_CONCURRENT_PAGES or its #capacity=N).")
+    in_flight: int = Field(description="Pages at it now.")
+    pages: int = Field(description="Pages it answered since start.")
+    errors: int = Field(description="Failed attempts at it (connection errors, 5xx, 429, timeouts).")
+
+
 class Info(BaseModel):
     name: str = Field(description="Service name (PROJECT_NAME).", examples=["LightOnOCR-Service"])
     version: str = Field(description="Version of this service.", examples=["0.1.0"])
@@ -164,6 +175,9 @@ class Info(BaseModel):
         description="Sampling of first attempts.", examples=[{"temperature": 0.2, "top_p": 0.9}]
     )
     limits: Limits = Field(description="Limits a request must stay within.")
+    endpoints: list[Endpoint] = Field(
+        default_factory=list, description="The vLLM servers of VLLM_BASE_URL and their state (empty for huggingface)."
+    )
     supported_types: list[str] = Field(
         description="Document types accepted (read from the bytes).", examples=[["pdf", "png", "jpeg"]]
     )
@@ -202,6 +216,17 @@ async def info(request: Request, service: Service) -> Info:
             max_concurrent_pages=settings.max_concurrent_pages,
         ),
         supported_types=[doc_type.value for doc_type in DocType],
+        endpoints=[
+            Endpoint(
+                url=e.url,
+                state="healthy" if e.healthy else "down",
+                capacity=e.capacity,
+                in_flight=e.in_flight,
+                pages=e.pages,
+                errors=e.errors,
+            )
+            for e in engine.endpoints
+        ],
     )
 
 

@@ -12,6 +12,7 @@ Pure bookkeeping on the event loop: no I/O here, and no lock (asyncio runs one c
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
@@ -67,7 +68,7 @@ class Fleet:
         if not endpoints:
             raise ValueError("a fleet needs at least one endpoint")
         self.endpoints = endpoints
-        self._waiters: list[asyncio.Future[None]] = []
+        self._waiters: deque[asyncio.Future[None]] = deque()
 
     @property
     def capacity(self) -> int:
@@ -99,13 +100,17 @@ class Fleet:
             self._waiters.append(waiter)
             try:
                 await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake(1)  # woken for a slot it will not take: pass the turn on
+                raise
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
 
     def release(self, endpoint: Endpoint) -> None:
         endpoint.in_flight -= 1
-        self._wake()
+        self._wake(1)  # one slot freed: one waiter (waking all would cost O(waiters) per page)
 
     def mark_down(self, endpoint: Endpoint) -> bool:
         """Take the endpoint out of the rotation; True when it was in it."""
@@ -119,8 +124,11 @@ class Fleet:
         self._wake()
         return was_down
 
-    def _wake(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
+    def _wake(self, count: int | None = None) -> None:
+        """Wake the first `count` waiters (all when None: the set of candidate endpoints changed)."""
+        woken = 0
+        while self._waiters and (count is None or woken < count):
+            waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
+                woken += 1
