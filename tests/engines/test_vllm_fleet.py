@@ -16,8 +16,9 @@ from app.engines.vllm import VLLMEngine
 from app.errors import EngineUnavailable
 from app.settings import SettingsError
 from tests.conftest import make_settings
-from tests.engines.test_vllm import closed_port, page, sampling_of, settings_for
+from tests.engines.test_vllm import page, sampling_of, settings_for
 from tests.support.documents import page_id_of
+from tests.support.http import free_port
 from tests.support.openai_stub import Reply, RequestRecord, StubRequest, StubVLLM
 
 pytestmark = pytest.mark.anyio
@@ -205,7 +206,7 @@ async def test_a_rejected_page_is_not_moved_to_another_server(servers: list[Serv
 
 
 async def test_all_servers_down_is_unavailable_with_retry_after() -> None:
-    url = f"http://127.0.0.1:{closed_port()}/v1,http://127.0.0.1:{closed_port()}/v1"
+    url = f"http://127.0.0.1:{free_port()}/v1,http://127.0.0.1:{free_port()}/v1"
     settings = settings_for(url, vllm_max_retries=2, retry_after_s=7)
     async with VLLMEngine(settings) as engine:
         with pytest.raises(EngineUnavailable, match="none of the 2 vLLM servers") as health:
@@ -220,7 +221,7 @@ async def test_all_servers_down_is_unavailable_with_retry_after() -> None:
 
 async def test_ready_while_one_server_serves(servers: list[Server]) -> None:
     start(servers, 0.0)
-    url = f"http://127.0.0.1:{closed_port()}/v1,{servers[0].stub.base_url}"
+    url = f"http://127.0.0.1:{free_port()}/v1,{servers[0].stub.base_url}"
     async with VLLMEngine(settings_for(url)) as engine:
         await engine.check_health()
         assert [state.healthy for state in engine.info().endpoints] == [False, True]
