@@ -15,6 +15,7 @@ from app.results import DocumentResult
 from tests.conftest import CORPUS, ServiceFactory, corpus_manifest
 from tests.support.documents import ImageFormat, make_image, make_pdf, page_id_of
 from tests.support.http import ok, post
+from tests.support.loop import calls_on_the_loop
 from tests.support.openai_stub import DEFAULT_MODEL, Reply, SamplingParams, StubRequest, StubVLLM, describe
 
 LETTER_RENDER = (1190, 1540)  # US Letter at 200 DPI, capped at 1540 px on the longest edge
@@ -299,18 +300,7 @@ def test_the_json_answer_is_encoded_off_the_event_loop(
     vllm_service: ServiceFactory, stub: StubVLLM, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A 100-page result is megabytes of JSON: encoding it on the loop would stall every other request."""
-    on_loop: list[bool] = []
-    encode = DocumentResult.model_dump_json
-
-    def recording(self: DocumentResult, **kwargs: Any) -> str:
-        try:
-            asyncio.get_running_loop()
-            on_loop.append(True)
-        except RuntimeError:
-            on_loop.append(False)
-        return encode(self, **kwargs)
-
-    monkeypatch.setattr(DocumentResult, "model_dump_json", recording)
+    on_loop = calls_on_the_loop(monkeypatch, DocumentResult, "model_dump_json")
     body = ok(post(vllm_service(), small_pdf(2)))
     assert [page["page"] for page in body["pages"]] == [1, 2]
     assert on_loop == [False]

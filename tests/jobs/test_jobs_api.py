@@ -16,6 +16,7 @@ from app.jobs import JobDetail
 from tests.conftest import ServiceFactory
 from tests.jobs import Job, submit, wait_job, wait_status
 from tests.support.documents import make_pdf, page_id_of
+from tests.support.loop import calls_on_the_loop
 from tests.support.openai_stub import Reply, StubRequest, StubVLLM
 
 SMALL = (200, 260)  # points: tiny pages render fast
@@ -382,18 +383,7 @@ def test_a_job_with_its_pages_is_encoded_off_the_event_loop(
     url = jobs_service()
     job_id = submit(url, make_pdf(2, SMALL)).json()["id"]
     wait_status(url, job_id, "succeeded")
-    on_loop: list[bool] = []
-    encode = JobDetail.model_dump_json
-
-    def recording(self: JobDetail, **kwargs: Any) -> str:
-        try:
-            asyncio.get_running_loop()
-            on_loop.append(True)
-        except RuntimeError:
-            on_loop.append(False)
-        return encode(self, **kwargs)
-
-    monkeypatch.setattr(JobDetail, "model_dump_json", recording)
+    on_loop = calls_on_the_loop(monkeypatch, JobDetail, "model_dump_json")
     response = httpx.get(f"{url}/api/jobs/{job_id}", timeout=10)
     assert response.status_code == 200, response.text
     assert [page["page"] for page in response.json()["pages"]] == [1, 2]
