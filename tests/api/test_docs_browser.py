@@ -13,8 +13,8 @@ from playwright.sync_api import Browser, Page, Route, expect
 
 from tests.api.test_docs import KEY
 from tests.conftest import ServiceFactory
-from tests.web.test_browser import TIMEOUT_MS
-from tests.web.test_browser import browser as browser  # the module-scoped fixture (skips without Chromium)
+from tests.support.browser import TIMEOUT_MS
+from tests.support.browser import browser as browser  # the module-scoped fixture (skips without Chromium)
 
 
 @pytest.fixture

@@ -21,27 +21,15 @@ import pytest
 
 pytest.importorskip("playwright", reason="playwright is not installed (uv sync installs it)")
 
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 from tests.conftest import ServiceFactory
+from tests.support.browser import TIMEOUT_MS
+from tests.support.browser import browser as browser  # the module-scoped fixture (skips without Chromium)
 from tests.support.documents import make_pdf, page_id_of
 from tests.support.openai_stub import Reply, StubRequest, StubVLLM
 
 ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM = os.environ.get("LIGHTONOCR_CHROMIUM", "/usr/bin/chromium")
-# Without the background-networking flags Chromium tries to reach Google and, on a closed
-# network, gets its connections refused.
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-TIMEOUT_MS = 30_000  # generous for two shared cores; waits end as soon as the condition holds
-expect.set_options(timeout=TIMEOUT_MS)
 KEY = "browser-test-key"
 PAGES = 3
 
@@ -76,16 +64,6 @@ def hold_page_one(stub: StubVLLM) -> Iterator[HoldPageOne]:
     stub.responder = held
     yield held
     held.release.set()  # never leave the stub's request waiting
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM}: `apt-get install -y chromium` or set LIGHTONOCR_CHROMIUM")
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        yield launched
-        launched.close()
 
 
 @pytest.fixture
