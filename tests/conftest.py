@@ -36,6 +36,12 @@ def wait_ready(url: str, timeout: float = 120.0) -> None:
     raise AssertionError(f"{url} never became ready: {httpx.get(f'{url}/ready').text}")
 
 
+@pytest.fixture
+def anyio_backend() -> str:
+    """The app runs on asyncio (engines and admission use its primitives): async tests run there only."""
+    return "asyncio"
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-lightonocr"))

@@ -14,12 +14,6 @@ from app.errors import Overloaded, RateLimited, TooManyPagesInFlight
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    """The scheduler is built on asyncio futures."""
-    return "asyncio"
-
-
 class Clock:
     """A monotonic clock the test moves by hand, so token refills are exact."""
 

@@ -35,11 +35,6 @@ CLEAN = "# Title\n\nA page that ends normally."
 LOOP = "intro\n" + "\n".join(["the same line"] * 12)
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def clean(text: str = CLEAN, tokens: int = 10) -> Generation:
     return Generation(text=text, finish_reason="stop", tokens=tokens)
 

@@ -19,11 +19,6 @@ LIMIT = 10_000
 FIELD_LIMIT = 100
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def multipart(file: bytes | None, **fields: str) -> bytes:
     parts = [
         f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()

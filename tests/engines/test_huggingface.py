@@ -44,12 +44,6 @@ SAMPLED = Sampling(temperature=0.2, top_p=0.9, max_new_tokens=MAX_NEW_TOKENS)
 SIZES = [(140, 196), (252, 168), (196, 196), (308, 280)]
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    """The engine uses asyncio primitives (Queue, Task, timeout), so only asyncio applies."""
-    return "asyncio"
-
-
 def engine_settings(checkpoint: Path | str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "model_source": "huggingface",

@@ -28,12 +28,6 @@ from tests.support.server import ServedApp
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    """The engine uses asyncio primitives (Semaphore, sleep), so only the asyncio backend applies."""
-    return "asyncio"
-
-
 def settings_for(url: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {"model_source": "vllm", "vllm_base_url": url, "vllm_retry_backoff_s": 0.01}
     return make_settings(**{**values, **overrides})

@@ -24,11 +24,6 @@ from tests.support.openai_stub import Reply, RequestRecord, StubRequest, StubVLL
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 class Server:
     """A stand-in answering each page after `latency_s`; `die()` drops the pages it holds, like a crashed vLLM."""
 

@@ -30,11 +30,6 @@ PAGES = 4
 DONE = [1, 2, 3]
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 class HeldEngine(FakeEngine):
     """Every page waits until `release` is set; `asked` lists the pages that reached the engine."""
 

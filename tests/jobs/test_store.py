@@ -17,11 +17,6 @@ pytestmark = pytest.mark.anyio
 TTL_S = 3600.0
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 class Clock:
     def __init__(self) -> None:
         self.now = 1_000_000.0
