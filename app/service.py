@@ -131,9 +131,6 @@ class OCRService:
 
     # -- admission -----------------------------------------------------------------------
 
-    async def open(self, data: bytes, *, password: str | None = None) -> Document:
-        return await anyio.to_thread.run_sync(partial(open_document, data, limits=self._limits, password=password))
-
     def select_pages(self, document: Document, selection: str | None) -> list[int]:
         """0-based indices of the pages `selection` names (the `pages` field as sent, e.g. '1-3,7'; None: all)."""
         indices = parse_page_selection(selection, document.page_count)
@@ -181,7 +178,7 @@ class OCRService:
         Every face opens documents through here: `admit`, `check_admission`, the web page's previews and a job's
         page images.
         """
-        document = await self.open(data, password=password)
+        document = await anyio.to_thread.run_sync(partial(open_document, data, limits=self._limits, password=password))
         try:
             yield document, self.select_pages(document, pages)
         finally:
