@@ -14,8 +14,8 @@ import pytest
 
 from app.jobs import JobDetail
 from tests.conftest import ServiceFactory
-from tests.jobs import Job, submit, wait_job, wait_status
 from tests.support.documents import make_pdf, page_id_of
+from tests.support.jobs import Job, submit, wait_job, wait_status
 from tests.support.loop import calls_on_the_loop
 from tests.support.openai_stub import Reply, StubRequest, StubVLLM
 

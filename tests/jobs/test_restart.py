@@ -22,9 +22,9 @@ import httpx
 
 from app.jobs import NewJob, SqliteJobStore
 from tests.conftest import ServiceFactory
-from tests.jobs import wait_job, wait_status
 from tests.support.documents import make_pdf, page_id_of
 from tests.support.http import free_port
+from tests.support.jobs import wait_job, wait_status
 from tests.support.openai_stub import Reply, StubRequest, StubVLLM
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -20,9 +20,9 @@ from starlette.routing import Route
 
 from app.jobs import NewJob, SqliteJobStore, WebhookSender, verify
 from tests.conftest import ServiceFactory
-from tests.jobs import submit, wait_job
 from tests.support.documents import make_pdf
 from tests.support.http import free_port
+from tests.support.jobs import submit, wait_job
 from tests.support.openai_stub import Reply, StubRequest, StubVLLM
 from tests.support.server import ServedApp
 
