@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.postprocess import repair_escaped_dollars
+from app.postprocess import looks_like_math, repair_escaped_dollars
 
 
 @pytest.mark.parametrize(
@@ -100,3 +100,49 @@ def test_links_urls_and_tex_delimiters_are_left_alone(text: str) -> None:
 def test_protected_spans_do_not_stop_repairs_around_them() -> None:
     raw = r"\$a\$ [link](https://x.org/\$b\$) \(\$c\$\) \$d\$ `\$e\$` \$f\$"
     assert repair_escaped_dollars(raw) == r"$a$ [link](https://x.org/\$b\$) \(\$c\$\) $d$ `\$e\$` $f$"
+
+
+@pytest.mark.parametrize(
+    ("raw", "fixed"),
+    [
+        # Either delimiter may be the escaped one.
+        (r"\$x$ here", r"$x$ here"),
+        # Real inline math is skipped whole, so its closing dollar is not paired with a later escaped one...
+        (r"$x$y\$", r"$x$y\$"),
+        (r"$x$ \$y\$", r"$x$ $y$"),
+        # ...but a pair of plain dollars around prose is not math: its second dollar may open an escaped pair.
+        (r"$5 and $x\$", r"$5 and $x$"),
+        # A pair that is not math moves on by one delimiter, whatever came before it.
+        (r"\$5 \$x\$", r"\$5 $x$"),
+        (r"\$x\$ \$5 \$y\$", r"$x$ \$5 $y$"),
+        # A pair split across lines is skipped by one delimiter; later pairs on one line are still repaired.
+        ("\\$a\nb\\$c\\$", "\\$a\nb$c$"),
+        ("\\$a\\$ \\$b\nc\\$ \\$d\\$", "$a$ \\$b\nc\\$ $d$"),
+    ],
+)
+def test_delimiters_are_paired_left_to_right(raw: str, fixed: str) -> None:
+    assert repair_escaped_dollars(raw) == fixed
+
+
+@pytest.mark.parametrize(
+    ("body", "math"),
+    [
+        ("x", True),
+        (r"\frac{a}{b}", True),
+        ("a\nb", False),
+        ("", False),
+        (" x", False),
+        ("x ", False),
+        ("}x{", False),
+        ("{x", False),
+        ("x}", False),
+        (r"\{x", True),
+        ("total", False),
+        (r"\text{total}", True),
+        ("12", False),
+        ("-1,000.5", False),
+        ("2x", True),
+    ],
+)
+def test_looks_like_math(body: str, math: bool) -> None:
+    assert looks_like_math(body) is math

@@ -10,6 +10,7 @@ from app.quality import (
     WORD_PERIOD_MAX,
     WORD_REPEATS_MIN,
     WORD_SPAN_MIN,
+    _trailing_repeats,
     has_line_cycle,
     has_word_cycle,
     is_repetitive,
@@ -150,3 +151,22 @@ def test_a_long_page_that_loops_early_and_recovers_is_not_flagged() -> None:
 
 def test_a_word_loop_longer_than_the_window_is_still_caught() -> None:
     assert has_word_cycle(" ".join(words(10)) + " " + " ".join(["x", "y", "z"] * 1000))
+
+
+# --------------------------------------------------------------------------- the counting helper
+
+
+@pytest.mark.parametrize(
+    ("items", "period", "repeats"),
+    [
+        (["a"], 1, 1),  # the whole list is one block
+        (["a"], 2, 0),  # a period longer than the list: no block at all
+        (list("xaaaa"), 1, 4),
+        (list("babab"), 2, 2),  # 5 items of period 2: two whole repeats, not 2.5
+        (list("xababab"), 2, 3),
+        (list("abcabcab"), 3, 2),  # the run ends mid-block: whole blocks only
+        ([], 1, 0),
+    ],
+)
+def test_trailing_repeats_counts_whole_blocks_at_the_end(items: list[str], period: int, repeats: int) -> None:
+    assert _trailing_repeats(items, period) == repeats
