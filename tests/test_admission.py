@@ -183,6 +183,7 @@ def test_rate_limiter_refuses_with_retry_after_then_refills(clock: Clock) -> Non
         limiter.take("a", 1)
     assert refused.value.retry_after == 6
     assert refused.value.details == {"pages_per_minute": 10}
+    assert refused.value.message == "rate limit of 10 pages per minute reached (RATE_LIMIT_PAGES_PER_MIN)"
     limiter.take("b", 10)  # another client has its own bucket
 
     clock.now += 5.9

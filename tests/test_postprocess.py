@@ -110,6 +110,7 @@ def test_protected_spans_do_not_stop_repairs_around_them() -> None:
         # Real inline math is skipped whole, so its closing dollar is not paired with a later escaped one...
         (r"$x$y\$", r"$x$y\$"),
         (r"$x$ \$y\$", r"$x$ $y$"),
+        (r"\$5 $x$y\$", r"\$5 $x$y\$"),
         # ...but a pair of plain dollars around prose is not math: its second dollar may open an escaped pair.
         (r"$5 and $x\$", r"$5 and $x$"),
         # A pair that is not math moves on by one delimiter, whatever came before it.

@@ -278,3 +278,14 @@ def test_every_page_failing_in_different_ways_is_document_failed() -> None:
 def test_a_single_failed_page_is_its_own_error() -> None:
     with pytest.raises(EngineTimeout):
         assembler().assemble([page(1, "failed", error=EngineTimeout("slow"))])
+
+
+def test_every_page_failing_the_same_way_keeps_its_details_and_the_retry_after() -> None:
+    """A stored or streamed page error is raised again as itself: details and Retry-After included."""
+    error = PageError(code="engine_unavailable", message="vLLM is down", details={"attempts": 3})
+    pages = [FinishedPage(page(n, "failed").result.model_copy(update={"error": error}), []) for n in (1, 2)]
+    with pytest.raises(EngineUnavailable) as caught:
+        assembler(retry_after_s=17).assemble(pages)
+    assert caught.value.message == "vLLM is down"
+    assert caught.value.details == {"attempts": 3}
+    assert caught.value.retry_after == 17

@@ -135,3 +135,19 @@ async def test_a_body_without_its_closing_boundary_is_malformed() -> None:
 @pytest.mark.parametrize(("megabytes", "size"), [(10, 10 * 1024 * 1024), (0.5, 524_288), (1.25, 1_310_720)])
 def test_max_file_size_mb_is_in_mebibytes(megabytes: float, size: int) -> None:
     assert make_settings(max_file_size_mb=megabytes).max_file_bytes == size
+
+
+async def test_everything_read_is_held_to_the_file_limit_plus_the_multipart_overhead() -> None:
+    """Without a Content-Length, big fields before the file count too: at most MAX_FILE_SIZE_MB + 64 KiB in all."""
+    overhead = 64 * 1024
+
+    async def read_big_fields(field: str) -> Upload:
+        request = request_of(multipart(b"x" * LIMIT, pages=field), declare_length=False)
+        return await read_upload(
+            request, max_file_bytes=LIMIT, max_field_bytes=2 * overhead, timeout_s=10, idle_timeout_s=10
+        )
+
+    upload = await read_big_fields("1" * overhead)
+    assert len(upload.data) == LIMIT
+    with pytest.raises(PayloadTooLarge):
+        await read_big_fields("1" * (overhead + 1))

@@ -96,7 +96,7 @@ def test_pdf_scale_is_the_smaller_of_200_dpi_and_1540_px(size_pt: tuple[float, f
     assert pdf_scale(*size_pt) == pytest.approx(scale, rel=1e-12)
 
 
-@pytest.mark.parametrize("side_pt", [572, 580, 597, 600, 619, 663])
+@pytest.mark.parametrize("side_pt", [572, 580, 597, 600, 619, 663, 2151, 2207])
 def test_pdf_scale_never_rounds_past_1540_px(side_pt: int) -> None:
     # For these sizes `1540 / side * side` is a hair above 1540, which PDFium would round up to 1541.
     scale = pdf_scale(side_pt, side_pt / 2)
@@ -174,6 +174,7 @@ def test_small_image_never_upscaled() -> None:
         ((1000, 3080), (500, 1540)),  # portrait: the height is the longest edge
         ((3000, 1001), (1540, 514)),  # 1001 * 1540/3000 = 513.85, rounded to nearest
         ((20000, 5), (1540, 1)),  # a sliver never rounds to zero pixels
+        ((5, 20000), (1, 1540)),
     ],
 )
 def test_fit_to_model_sizes(size: tuple[int, int], expected: tuple[int, int]) -> None:

@@ -19,6 +19,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from app.jobs import NewJob, SqliteJobStore, WebhookSender, verify
+from app.jobs.webhooks import sign
 from tests.conftest import ServiceFactory
 from tests.support.documents import make_pdf
 from tests.support.http import free_port
@@ -234,3 +235,26 @@ def test_each_retry_has_a_fresh_timestamp_and_a_signature_that_verifies(receiver
         assert (payload["id"], payload["status"]) == ("job-1", "succeeded")
         timestamps.append(payload["timestamp"])
     assert timestamps == [1_700_000_000, 1_700_000_030, 1_700_000_090, 1_700_000_210]
+
+
+def test_the_signature_is_sha256_hmac_of_the_exact_body() -> None:
+    body = b'{"id":"x","timestamp":1700000000}'
+    expected = hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    assert sign(SECRET, body) == f"sha256={expected}"
+    assert verify(SECRET, body, f"sha256={expected}")
+    assert not verify(SECRET, body, f"SHA256={expected}")
+
+    async def encode() -> tuple[bytes, dict[str, str]]:
+        sender = WebhookSender(secret=SECRET, max_attempts=1, backoff_s=0, timeout_s=1, clock=lambda: 1700000000.9)
+        try:
+            return sender.encode({"id": "x"})
+        finally:
+            await sender.aclose()
+
+    sent, headers = asyncio.run(encode())
+    assert sent == body  # compact JSON: what a receiver verifies is exactly these bytes
+    assert headers == {
+        "Content-Type": "application/json",
+        "X-LightOnOCR-Timestamp": "1700000000",
+        "X-LightOnOCR-Signature": f"sha256={expected}",
+    }
