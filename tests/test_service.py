@@ -6,6 +6,7 @@ outcome is chosen by the test: no HTTP, no model, no timing.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ from app.errors import (
     EngineUnavailable,
     OCRError,
 )
+from app.intake import DocType
 from app.results import FinishedPage, Generation, PageError, PageResult, PageStatus
 from app.service import OCRService
 from tests.conftest import make_settings
@@ -289,3 +291,52 @@ def test_every_page_failing_the_same_way_keeps_its_details_and_the_retry_after()
     assert caught.value.message == "vLLM is down"
     assert caught.value.details == {"attempts": 3}
     assert caught.value.retry_after == 17
+
+
+class UnrenderableDocument:
+    """A document whose page cannot be rendered (say, a broken PDF page)."""
+
+    doc_type = DocType.PDF
+    page_count = 1
+
+    def render(self, index: int) -> Image.Image:
+        raise CorruptDocument(f"page {index + 1} cannot be rendered", page=index + 1)
+
+    def close(self) -> None:
+        return None
+
+
+async def test_a_page_that_cannot_be_rendered_fails_without_reaching_the_engine() -> None:
+    engine = ScriptedEngine()
+    service = await started(engine)
+    try:
+        finished = await service.recognize_page(UnrenderableDocument(), 0)
+    finally:
+        await service.close()
+    page = finished.result
+    assert (page.page, page.status, page.attempts, page.text, page.tokens) == (1, "failed", 0, "", 0)
+    assert (page.width, page.height, page.finish_reason) == (None, None, None)
+    assert page.error == PageError(code="corrupt_document", message="page 1 cannot be rendered", details={"page": 1})
+    assert 0 <= page.seconds < 60
+    assert finished.blocks == []
+    assert engine.calls == []
+
+
+async def test_each_attempt_is_logged_and_loops_are_counted(caplog: pytest.LogCaptureFixture) -> None:
+    engine = ScriptedEngine([truncated(), repetitive(), truncated_loop()])
+    service = await started(engine)
+    caplog.set_level(logging.INFO, logger="app.service")
+    try:
+        result = await service.recognize(make_png(300, 400))
+    finally:
+        await service.close()
+    [page] = result.pages
+    assert (page.width, page.height) == (300, 400)
+    attempts = [record.getMessage() for record in caplog.records if " attempt " in record.getMessage()]
+    assert attempts == [
+        "page 1 attempt 1 at T=0.20 is truncated; retrying",
+        "page 1 attempt 2 at T=0.40 is repetitive; retrying",
+        "page 1 attempt 3 at T=0.70 is truncated and repetitive; no attempts left",
+    ]
+    # Two of the three attempts looped (repetitive, and truncated and repetitive): the metric counts both.
+    assert service.metrics.repetitions._value.get() == 2
