@@ -13,17 +13,12 @@ import pytest
 
 from app.results import DocumentResult
 from tests.conftest import CORPUS, ServiceFactory, corpus_manifest
-from tests.support.documents import ImageFormat, make_image, make_pdf, page_id_of
+from tests.support.documents import ImageFormat, make_image, make_pdf, page_id_of, small_pdf
 from tests.support.http import ok, post
 from tests.support.loop import calls_on_the_loop
 from tests.support.openai_stub import DEFAULT_MODEL, Reply, SamplingParams, StubRequest, StubVLLM, describe
 
 LETTER_RENDER = (1190, 1540)  # US Letter at 200 DPI, capped at 1540 px on the longest edge
-SMALL_PAGE_PT = (216, 288)  # 3 x 4 in: 600 x 800 px at 200 DPI, cheap to render and encode
-
-
-def small_pdf(n_pages: int) -> bytes:
-    return make_pdf(n_pages, page_size_pt=SMALL_PAGE_PT)
 
 
 def texts(body: dict[str, Any]) -> list[str]:

@@ -11,14 +11,13 @@ import httpx
 import pytest
 
 from tests.conftest import ServiceFactory
-from tests.support.documents import make_pdf, make_png
+from tests.support.documents import make_png, small_pdf
 from tests.support.gate import Gate
 from tests.support.http import ok, post
 from tests.support.openai_stub import Reply, StubVLLM
 
 KEY_A = "alpha-0123456789abcdef"
 KEY_B = "bravo-fedcba9876543210"
-SMALL_PAGE_PT = (216, 288)
 
 
 def auth(key: str) -> dict[str, str]:
@@ -118,7 +117,7 @@ def test_key_flooding_its_limit_does_not_starve_another(
     stub.responder = gate
     try:
         url = vllm_service(api_keys=[KEY_A, KEY_B], key_max_pages_in_flight=2, max_concurrent_pages=4)
-        held = pool.submit(post, url, make_pdf(2, page_size_pt=SMALL_PAGE_PT), headers=auth(KEY_A))
+        held = pool.submit(post, url, small_pdf(2), headers=auth(KEY_A))
         stub.wait_until(lambda s: s.in_flight == 2)
 
         refused = post(url, make_png(300, 300, page_id=60), headers=auth(KEY_A), name="p.png")
@@ -142,7 +141,7 @@ def test_key_flooding_its_limit_does_not_starve_another(
 
 def test_rate_limit_answers_429_with_retry_after(vllm_service: ServiceFactory) -> None:
     url = vllm_service(api_keys=[KEY_A, KEY_B], rate_limit_pages_per_min=3)
-    ok(post(url, make_pdf(3, page_size_pt=SMALL_PAGE_PT), headers=auth(KEY_A)))
+    ok(post(url, small_pdf(3), headers=auth(KEY_A)))
     refused = post(url, make_png(300, 300, page_id=1), headers=auth(KEY_A), name="p.png")
     assert refused.status_code == 429, refused.text
     assert 1 <= int(refused.headers["Retry-After"]) <= 20  # one page every 20 s

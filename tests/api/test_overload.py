@@ -15,12 +15,10 @@ import httpx
 import pytest
 
 from tests.conftest import ServiceFactory
-from tests.support.documents import make_pdf, make_png
+from tests.support.documents import make_png, small_pdf
 from tests.support.gate import Gate
 from tests.support.http import ok, post
 from tests.support.openai_stub import StubVLLM
-
-SMALL_PAGE_PT = (216, 288)  # 600 x 800 px
 
 
 @pytest.fixture
@@ -35,10 +33,6 @@ def gate(stub: StubVLLM) -> Iterator[Gate]:
 def pool() -> Iterator[ThreadPoolExecutor]:
     with ThreadPoolExecutor(8) as executor:
         yield executor
-
-
-def small_pdf(n: int) -> bytes:
-    return make_pdf(n, page_size_pt=SMALL_PAGE_PT)
 
 
 # --------------------------------------------------------------------------- MAX_QUEUED_PAGES

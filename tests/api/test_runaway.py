@@ -18,11 +18,10 @@ import pytest
 from app.quality import is_repetitive
 from app.settings import Settings
 from tests.conftest import ServiceFactory
-from tests.support.documents import make_pdf, make_png, page_id_of
+from tests.support.documents import make_pdf, make_png, page_id_of, small_pdf
 from tests.support.http import ok, post
 from tests.support.openai_stub import Reply, StubRequest, StubVLLM, describe
 
-SMALL_PAGE_PT = (216, 288)  # 600 x 800 px: cheap to render and encode
 LOOP = "\n".join(["| 1 | total | 1 |"] * 30)  # a line cycle
 WORD_LOOP = "Summary: " + " ".join(["and the"] * 60)  # a word cycle in one line
 
@@ -50,10 +49,6 @@ class ByPage:
     def temperatures(self, stub: StubVLLM, number: int) -> list[float]:
         sha = self.sha_of[number]
         return [record.params.temperature for record in stub.requests if record.sha256 == sha]
-
-
-def small_pdf(n: int) -> bytes:
-    return make_pdf(n, page_size_pt=SMALL_PAGE_PT)
 
 
 # --------------------------------------------------------------------------- retries

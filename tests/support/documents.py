@@ -295,3 +295,11 @@ def make_pdf(
     out.write(b"".join(b"%010d 00000 n \n" % offset for offset in offsets))
     out.write(f"trailer\n<< /Size {len(objects) + 1} {trailer} >>\nstartxref\n{xref}\n%%EOF\n".encode())
     return out.getvalue()
+
+
+SMALL_PAGE_PT = (216, 288)  # 3 x 4 in: 600 x 800 px at 200 DPI, cheap to render and encode
+
+
+def small_pdf(n_pages: int) -> bytes:
+    """`n_pages` marked pages of SMALL_PAGE_PT: for tests about the pipeline, not about page sizes."""
+    return make_pdf(n_pages, page_size_pt=SMALL_PAGE_PT)
