@@ -24,7 +24,7 @@ from app.allocator import tune_allocator
 from app.api.errors import finish_cut_requests, install_error_handlers
 from app.api.jobs import router as jobs_router
 from app.api.middleware import RequestMiddleware
-from app.api.openapi import document_validation_errors, error_table
+from app.api.openapi import document_validation_errors, edit_openapi, error_table
 from app.api.routes import router
 from app.api.security import ApiKeyMiddleware, is_open
 from app.api.upload import LINGER_MIN_BYTES, LingeringClose
@@ -138,12 +138,8 @@ def _install_docs(app: FastAPI, *, bearer: bool) -> None:
 
 def _document_bearer_auth(app: FastAPI) -> None:
     """Declare the Bearer key in the OpenAPI schema: Swagger UI then shows "Authorize" and sends the key."""
-    generate = app.openapi
 
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is not None:
-            return app.openapi_schema
-        schema = generate()
+    def declare(schema: dict[str, Any]) -> None:
         schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
         schemes["ApiKey"] = {"type": "http", "scheme": "bearer", "description": "One of API_KEYS / API_KEYS_FILE."}
         schema["security"] = [{"ApiKey": []}]
@@ -151,10 +147,8 @@ def _document_bearer_auth(app: FastAPI) -> None:
             for method, operation in operations.items():
                 if is_open(path, method.upper()):
                     operation["security"] = []  # the probes
-        app.openapi_schema = schema
-        return schema
 
-    app.openapi = openapi  # type: ignore[method-assign]
+    edit_openapi(app, declare)
 
 
 # uvicorn's exit status for "failed before serving": its `--workers` supervisor stops

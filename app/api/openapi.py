@@ -6,6 +6,7 @@ only the framework's own codes (404, 405, 422 validation) are described here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI
@@ -108,30 +109,39 @@ def upload_schema(**fields: dict[str, Any]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
 
-def document_validation_errors(app: FastAPI) -> None:
-    """Make /docs tell the truth about 422: FastAPI documents its own shape, the handler above sends ours."""
+def edit_openapi(app: FastAPI, edit: Callable[[dict[str, Any]], None]) -> None:
+    """Run `edit` on the generated schema once, before FastAPI caches it; edits apply in the order added."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is not None:
             return app.openapi_schema
         schema = generate()
-        ours = jsonable_encoder(error_responses(422)[422]["content"]["application/json"]["example"])
-        for operations in schema.get("paths", {}).values():
-            for operation in operations.values():
-                response = operation.get("responses", {}).get("422")
-                if response is not None and "HTTPValidationError" in str(response):
-                    response["description"] = error_responses(422)[422]["description"]
-                    response["content"] = {
-                        "application/json": {
-                            "schema": {"$ref": "#/components/schemas/ErrorResponse"},
-                            "example": ours,
-                        }
-                    }
-        components = schema.get("components", {}).get("schemas", {})
-        components.pop("HTTPValidationError", None)  # every route references ErrorResponse instead
-        components.pop("ValidationError", None)
+        edit(schema)
         app.openapi_schema = schema
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def document_validation_errors(app: FastAPI) -> None:
+    """Make /docs tell the truth about 422: FastAPI documents its own shape, the handler above sends ours."""
+    edit_openapi(app, _our_validation_errors)
+
+
+def _our_validation_errors(schema: dict[str, Any]) -> None:
+    ours = jsonable_encoder(error_responses(422)[422]["content"]["application/json"]["example"])
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            response = operation.get("responses", {}).get("422")
+            if response is not None and "HTTPValidationError" in str(response):
+                response["description"] = error_responses(422)[422]["description"]
+                response["content"] = {
+                    "application/json": {
+                        "schema": {"$ref": "#/components/schemas/ErrorResponse"},
+                        "example": ours,
+                    }
+                }
+    components = schema.get("components", {}).get("schemas", {})
+    components.pop("HTTPValidationError", None)  # every route references ErrorResponse instead
+    components.pop("ValidationError", None)
