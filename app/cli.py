@@ -301,8 +301,10 @@ def _in_process(settings: Settings) -> Settings:
 async def _run_local(
     settings: Settings, items: list[Item], pages: str | None, password: str | None, fmt: OutputFormat, jobs: int
 ) -> None:
+    from app.allocator import tune_allocator
     from app.service import OCRService  # imported here: `info --server` and `--help` stay light
 
+    tune_allocator()  # the service's malloc setting: long PDFs read in-process stay bounded too
     service = OCRService(_in_process(settings))
     err.print(f"Loading {escape(settings.model_name)} ({settings.model_source.value} engine)…")
     try:
@@ -604,7 +606,10 @@ def _local_info(settings: Settings) -> dict[str, Any]:
         "listen": f"{settings.host}:{settings.port}",
     }
     if engine.engine == "vllm":
-        info["vllm"] = {"base_url": settings.vllm_base_url, "max_concurrent_pages": settings.max_concurrent_pages}
+        from app.engines.fleet import display_url  # credentials stay out of a terminal and its scrollback
+
+        servers = [display_url(url.strip()) for url in settings.vllm_base_url.split(",") if url.strip()]
+        info["vllm"] = {"base_url": ",".join(servers), "max_concurrent_pages": settings.max_concurrent_pages}
     else:
         info["huggingface"] = {"cache_dir": str(settings.model_cache_dir), "max_batch_size": settings.hf_max_batch_size}
     return info

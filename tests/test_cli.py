@@ -388,6 +388,16 @@ def test_info_in_process_without_loading(monkeypatch: pytest.MonkeyPatch) -> Non
     assert "limits.max_pages" in table.stdout
 
 
+@pytest.mark.usefixtures("workdir")
+def test_info_in_process_hides_server_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODEL_SOURCE", "vllm")
+    monkeypatch.setenv("VLLM_BASE_URL", "http://user:hunter2@a.example:8001/v1,http://b.example:8002/v1#capacity=8")
+    result = invoke("info", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["vllm"]["base_url"] == "http://a.example:8001/v1,http://b.example:8002/v1"
+    assert "hunter2" not in result.stdout
+
+
 def test_info_from_server(vllm_service: ServiceFactory) -> None:
     url = vllm_service()
     result = invoke("info", "--server", url.removeprefix("http://"), "--json")  # host:port means http
