@@ -228,6 +228,8 @@ def test_per_client_limit_refuses_that_client_only() -> None:
         admission.admit("a", 2)
     assert refused.value.retry_after == 7
     assert refused.value.details == {"pages_in_flight": 3}
+    assert "3 of your pages are already in progress" in refused.value.message
+    assert "KEY_MAX_PAGES_IN_FLIGHT" in refused.value.message
     admission.admit("b", 4)
     a.release()  # one page of a done: 2 in flight, room for 2 more
     admission.admit("a", 2)
@@ -252,6 +254,8 @@ def test_global_queue_bound_refuses_with_retry_after() -> None:
         admission.admit("c", 1)
     assert refused.value.retry_after == 7
     assert refused.value.status == 503
+    assert "10 pages waiting" in refused.value.message
+    assert "MAX_QUEUED_PAGES=10" in refused.value.message
     first.release(3)
     admission.admit("c", 3)
     first.close()
@@ -289,3 +293,16 @@ def test_rate_limit_is_checked_per_client(clock: Clock) -> None:
         admission.admit("a", 1)
     assert admission.queued == 0
     admission.admit("b", 5)
+
+
+def test_a_client_with_two_documents_keeps_the_pages_of_the_one_still_running() -> None:
+    """Releasing one of a client's documents leaves the other's pages counted against its limit."""
+    admission = make_admission(max_queued=100, per_client=5)
+    first, second = admission.admit("a", 2), admission.admit("a", 1)
+    first.close()  # one page of `a` still in flight
+    with pytest.raises(TooManyPagesInFlight) as refused:
+        admission.admit("a", 5)
+    assert refused.value.details == {"pages_in_flight": 1}
+    admission.admit("a", 4).close()
+    second.close()
+    assert admission.queued == 0

@@ -112,6 +112,7 @@ async def test_a_field_of_exactly_its_limit_is_accepted_one_byte_more_is_refused
     with pytest.raises(FieldTooLarge) as caught:
         await read(multipart(b"%PDF-", pages="1" * (FIELD_LIMIT + 1)))
     assert caught.value.details == {"field": "pages", "max_bytes": FIELD_LIMIT}
+    assert caught.value.message == "form field 'pages' is larger than 100 bytes"
 
 
 async def test_the_file_limit_does_not_apply_to_fields_nor_the_field_limit_to_the_file() -> None:
