@@ -169,7 +169,7 @@ async def test_escaped_dollars_are_repaired_before_ranking_and_in_the_kept_text(
 
 async def test_seconds_measure_the_page() -> None:
     page, _ = await one_page([clean()])
-    assert 0 < page.seconds < 60
+    assert 0 < page.seconds < 4  # a scripted page takes milliseconds
 
 
 # --------------------------------------------------------------------------- documents
@@ -323,7 +323,7 @@ async def test_a_page_that_cannot_be_rendered_fails_without_reaching_the_engine(
 
 
 async def test_each_attempt_is_logged_and_loops_are_counted(caplog: pytest.LogCaptureFixture) -> None:
-    engine = ScriptedEngine([truncated(), repetitive(), truncated_loop()])
+    engine = ScriptedEngine([truncated(), truncated_loop(), truncated()])
     service = await started(engine)
     caplog.set_level(logging.INFO, logger="app.service")
     try:
@@ -335,8 +335,8 @@ async def test_each_attempt_is_logged_and_loops_are_counted(caplog: pytest.LogCa
     attempts = [record.getMessage() for record in caplog.records if " attempt " in record.getMessage()]
     assert attempts == [
         "page 1 attempt 1 at T=0.20 is truncated; retrying",
-        "page 1 attempt 2 at T=0.40 is repetitive; retrying",
-        "page 1 attempt 3 at T=0.70 is truncated and repetitive; no attempts left",
+        "page 1 attempt 2 at T=0.40 is truncated and repetitive; retrying",
+        "page 1 attempt 3 at T=0.70 is truncated; no attempts left",
     ]
-    # Two of the three attempts looped (repetitive, and truncated and repetitive): the metric counts both.
-    assert service.metrics.repetitions._value.get() == 2
+    # One attempt looped; the two that were only cut off are not loops.
+    assert service.metrics.repetitions._value.get() == 1
