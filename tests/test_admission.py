@@ -306,3 +306,55 @@ def test_a_client_with_two_documents_keeps_the_pages_of_the_one_still_running() 
     admission.admit("a", 4).close()
     second.close()
     assert admission.queued == 0
+
+
+async def test_a_release_hands_on_exactly_one_slot_when_several_are_busy() -> None:
+    scheduler = FairScheduler(3)
+    granted: list[str] = []
+    holders = [Holder(scheduler, client, granted) for client in ("a", "b", "c")]
+    await settle()
+    waiters = [Holder(scheduler, client, granted) for client in ("d", "e", "f")]
+    await settle()
+    assert scheduler.waiting == 3
+    await holders[0].release()
+    await settle()
+    assert granted == ["a", "b", "c", "d"]  # one slot freed, one waiter served
+    assert (scheduler.busy, scheduler.waiting) == (3, 2)
+    for holder in [*holders[1:], *waiters]:
+        await holder.release()
+    assert (scheduler.busy, scheduler.waiting) == (0, 0)
+
+
+async def test_a_client_served_from_the_queue_then_waits_behind_the_others() -> None:
+    """The round-robin rule holds after a queued grant too, not only after the fast path."""
+    scheduler = FairScheduler(2)
+    granted: list[str] = []
+    a, b = Holder(scheduler, "a", granted), Holder(scheduler, "b", granted)
+    await settle()
+    c1 = Holder(scheduler, "c", granted)
+    await settle()
+    await a.release()  # c is served from the queue
+    await settle()
+    c2 = Holder(scheduler, "c", granted)  # c asks again, first in line
+    await settle()
+    d = Holder(scheduler, "d", granted)
+    await settle()
+    await b.release()
+    await settle()
+    assert granted == ["a", "b", "c", "d"]  # d goes before c's second page
+    for holder in (c1, d, c2):
+        await holder.release()
+    assert (scheduler.busy, scheduler.waiting) == (0, 0)
+
+
+async def test_a_waiter_cancelled_while_a_release_drops_its_queue_just_leaves() -> None:
+    """Cancelled, then its client's queue emptied by a release in the same tick: no error, nothing held."""
+    scheduler = FairScheduler(1)
+    await scheduler._acquire("a")
+    waiter = asyncio.create_task(scheduler._acquire("b"))
+    await settle()
+    waiter.cancel()  # cancels the waiter's future now; its clean-up runs at the next turn
+    scheduler._release()  # ... after this release has dropped b's (cancelled) future and queue
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert (scheduler.busy, scheduler.waiting) == (0, 0)
