@@ -15,6 +15,7 @@ import pytest
 from app.main import create_app
 from app.settings import Settings, load_settings
 from tests.support.openai_stub import StubVLLM
+from tests.support.postgres import postgres_server, postgres_url  # noqa: F401  (fixtures: a real PostgreSQL)
 from tests.support.server import ServedApp
 from tests.support.tiny_checkpoint import build_tiny_checkpoint
 
