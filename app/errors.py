@@ -117,6 +117,13 @@ class InvalidCallbackUrl(BadRequest):
     code = "invalid_callback_url"
 
 
+class InvalidLastEventId(BadRequest):
+    """`Last-Event-ID` of `GET /api/jobs/{id}/events` is not a whole number of pages from 0 (details: `received`)."""
+
+    status = 422
+    code = "invalid_last_event_id"
+
+
 class UploadTimeout(OCRError):
     """No byte of the upload for `UPLOAD_IDLE_TIMEOUT_S`, or it took longer than `UPLOAD_TIMEOUT_S`."""
 
@@ -371,6 +378,14 @@ class ShuttingDown(ServiceUnavailable):
     """
 
     code = "shutting_down"
+
+
+class StoreUnavailable(ServiceUnavailable):
+    """The job store (JOBS_DB: the PostgreSQL server) cannot be reached now (with `Retry-After`); nothing accepted is
+    lost: retry the request.
+    """
+
+    code = "store_unavailable"
 
 
 def error_classes() -> dict[str, type[OCRError]]:

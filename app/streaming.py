@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 
 from app.events import Event, PingEvent
 
@@ -21,10 +21,13 @@ def ndjson(event: Event) -> bytes:
     return event.model_dump_json().encode() + b"\n"
 
 
-def server_sent(event: Event) -> bytes:
+def server_sent(event: Event, ids: Callable[[Event], int | None] | None = None) -> bytes:
+    """One SSE message; with `ids`, an `id:` field where it gives one (a resumable stream: `Last-Event-ID`)."""
     if isinstance(event, PingEvent):
         return b": ping\n\n"
-    return f"event: {event.event}\ndata: {event.model_dump_json()}\n\n".encode()
+    event_id = ids(event) if ids is not None else None
+    head = "" if event_id is None else f"id: {event_id}\n"
+    return f"{head}event: {event.event}\ndata: {event.model_dump_json()}\n\n".encode()
 
 
 async def with_heartbeat(

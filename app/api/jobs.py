@@ -9,20 +9,32 @@ other keys get 404 for it, as for an unknown id.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Annotated, Literal
 
 import anyio
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field
 
 from app.api.deps import Service, read_document
 from app.api.openapi import error_responses, upload_schema
+from app.api.routes import EventStream, stream_format
 from app.api.security import client_id
-from app.errors import JobCancelled, JobFailed, JobNotFinished, JobNotFound, OCRError, PageNotFound
+from app.errors import (
+    InvalidLastEventId,
+    JobCancelled,
+    JobFailed,
+    JobNotFinished,
+    JobNotFound,
+    OCRError,
+    PageNotFound,
+)
 from app.imaging import page_png
 from app.jobs import JobDetail, JobRecord, JobRunner, JobSummary, NewJob, summarize, validate_callback_url
+from app.jobs.events import event_id, job_events
 from app.results import DocumentResult
+from app.streaming import ndjson, server_sent, with_heartbeat
 from app.text import markdown_to_text
 
 log = logging.getLogger(__name__)
@@ -180,6 +192,60 @@ async def get_result(
         return PlainTextResponse(await anyio.to_thread.run_sync(markdown_to_text, result.text))
     body = await anyio.to_thread.run_sync(result.model_dump_json)
     return Response(body, media_type="application/json")
+
+
+@router.get(
+    "/{job_id}/events",
+    summary="Follow a job: its pages as events, as they finish (NDJSON or SSE; resumable)",
+    description="The streaming API's events for a job, from any replica: `start` {total, pages}, then per finished "
+    "page, in the order pages were stored, `page` {page} and `progress` {done, total}, and last `result` {result} "
+    "(succeeded, partial) or `error` {error} (failed: the job's error; cancelled: `job_cancelled`). "
+    "`Accept: text/event-stream` gives SSE, anything else NDJSON. A `ping` (SSE: a `: ping` comment) after 15 s "
+    "without another event keeps proxies from closing a quiet stream. Resumable: SSE ids are 0 for `start` and "
+    "`done` for each `progress`; send `Last-Event-ID: <done>` (EventSource does) to get only the pages after that "
+    "many (no `start` again). The same id works on any replica, and for NDJSON use the last `progress.done` read. "
+    "A job that already ended answers its pages and final event at once.",
+    responses={
+        **error_responses(401, 404, 422),
+        200: {
+            "description": "A stream of events (see description).",
+            "content": {"application/x-ndjson": {}, "text/event-stream": {}},
+        },
+    },
+)
+async def follow_job(
+    request: Request,
+    service: Service,
+    runner: Runner,
+    job_id: str,
+    last_event_id: Annotated[
+        str | None, Header(alias="Last-Event-ID", description="Resume after this many stored pages.")
+    ] = None,
+) -> Response:
+    record = await _job(request, runner, job_id)
+    after = _resume_point(last_event_id, record)
+    media_type, encode = stream_format(request.headers.get("accept", "")) or ("application/x-ndjson", ndjson)
+    if media_type == "text/event-stream":
+        encode = partial(server_sent, ids=event_id)
+    events = with_heartbeat(job_events(runner.store, runner.feed, service.assemble, record, after=after))
+
+    async def nothing_to_release() -> None:
+        return None
+
+    return EventStream(events, encode, media_type=media_type, on_close=nothing_to_release)
+
+
+def _resume_point(header: str | None, record: JobRecord) -> int | None:
+    """`Last-Event-ID` as the number of stored pages the client has (None: from the start)."""
+    if header is None or not header.strip():
+        return None
+    value = header.strip()
+    if not value.isdigit() or int(value) > record.pages_total:
+        raise InvalidLastEventId(
+            f"Last-Event-ID must be a whole number from 0 to {record.pages_total} (the pages already received)",
+            received=value[:40],
+        )
+    return int(value)
 
 
 @router.get(

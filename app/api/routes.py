@@ -69,14 +69,14 @@ async def inference(request: Request, service: Service) -> Response:
     pages = upload.fields.get("pages")
     password = upload.fields.get("password") or None
     client = client_id(request)
-    stream_format = _stream_format(request.headers.get("accept", ""))
-    if stream_format is None:
+    chosen = stream_format(request.headers.get("accept", ""))
+    if chosen is None:
         result = await until_disconnect(
             request.receive, service.recognize(upload.data, pages=pages, password=password, client=client)
         )
         # Encoded off the event loop: a long document's result is megabytes of JSON.
         return Response(await anyio.to_thread.run_sync(result.model_dump_json), media_type="application/json")
-    media_type, encode = stream_format
+    media_type, encode = chosen
     resources = contextlib.AsyncExitStack()
     async with contextlib.AsyncExitStack() as on_error:
         on_error.push_async_callback(resources.aclose)
@@ -88,7 +88,8 @@ async def inference(request: Request, service: Service) -> Response:
     return EventStream(events, encode, media_type=media_type, on_close=resources.aclose)
 
 
-def _stream_format(accept: str) -> tuple[str, Callable[[Event], bytes]] | None:
+def stream_format(accept: str) -> tuple[str, Callable[[Event], bytes]] | None:
+    """The stream media type and encoder `Accept` asks for (NDJSON or SSE); None for neither."""
     for part in accept.split(","):
         media_type = part.split(";")[0].strip().lower()
         if media_type in _STREAM_FORMATS:

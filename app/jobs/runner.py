@@ -29,6 +29,7 @@ from typing import Any
 import anyio
 
 from app.errors import OCRError, Retryable, ServiceUnavailable
+from app.jobs.events import JobFeed
 from app.jobs.store import JobRecord, JobStatus, JobStore, SqliteJobStore
 from app.jobs.views import summarize
 from app.jobs.webhooks import WebhookSender
@@ -60,6 +61,7 @@ class JobRunner:
         self.concurrency = concurrency
         self.clock = clock
         self._wake = asyncio.Event()
+        self.feed = JobFeed()  # wakes GET /api/jobs/{id}/events followers on this replica at once
         self._running: dict[str, asyncio.Task[None]] = {}
         self._owners: dict[str, str] = {}
         self._deliveries: set[asyncio.Task[None]] = set()
@@ -139,6 +141,7 @@ class JobRunner:
     async def cancel(self, job_id: str) -> JobRecord | None:
         """Mark the job cancelled, then stop its pages: those not started never reach the engine."""
         record, changed = await self.store.cancel(job_id)
+        self.feed.notify(job_id)
         task = self._running.get(job_id)
         if changed and task is not None:
             task.cancel()
@@ -239,12 +242,14 @@ class JobRunner:
                 async for page in pages:
                     if not await self.store.add_page(record.id, page):
                         return False  # cancelled through another process: drop the pages not started
+                    self.feed.notify(record.id)
             finally:
                 await pages.aclose()
         return True
 
     async def _finish(self, job_id: str, status: JobStatus, error: dict[str, Any] | None = None) -> None:
         record = await self.store.finish(job_id, status, error)
+        self.feed.notify(job_id)
         if record is not None:
             log.info("job %s %s (%d/%d pages)", job_id, status, record.pages_done, record.pages_total)
             self._deliver_later(record)

@@ -111,6 +111,14 @@ class JobStore(Protocol):
         """The finished pages, in page order, each with its blocks as stored (never parsed on the event loop)."""
         ...
 
+    async def page_log(self, job_id: str, after: int = 0) -> list[FinishedPage]:
+        """The finished pages in the order they were stored, less the first `after` (a follower's resume point).
+
+        Stored order is commit order and never changes (pages are deleted only with their job), so the k-th
+        stored page is the same on every replica: event ids are built on it (`app/jobs/events.py`).
+        """
+        ...
+
     async def add_page(self, job_id: str, page: FinishedPage) -> bool:
         """Store a finished page; False when the job is no longer running (cancelled elsewhere: stop)."""
         ...
@@ -344,6 +352,16 @@ class SqliteJobStore:
     async def pages(self, job_id: str) -> list[FinishedPage]:
         def query(db: sqlite3.Connection) -> list[FinishedPage]:
             rows = db.execute("SELECT result FROM pages WHERE job_id = ? ORDER BY page", (job_id,))
+            return [_load_page(row["result"]) for row in rows]
+
+        return await self._run(query, default=[])
+
+    async def page_log(self, job_id: str, after: int = 0) -> list[FinishedPage]:
+        def query(db: sqlite3.Connection) -> list[FinishedPage]:
+            # rowid grows with each insert, and writes are serialized (BEGIN IMMEDIATE): rowid order is commit order.
+            rows = db.execute(
+                "SELECT result FROM pages WHERE job_id = ? ORDER BY rowid LIMIT -1 OFFSET ?", (job_id, max(after, 0))
+            )
             return [_load_page(row["result"]) for row in rows]
 
         return await self._run(query, default=[])
