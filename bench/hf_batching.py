@@ -1,6 +1,11 @@
-"""Pages/s against HF_MAX_BATCH_SIZE on CPU, tiny random LightOnOCR through HuggingFaceEngine.
+"""Pages/s against HF_MAX_BATCH_SIZE, random LightOnOCR through the service's HuggingFaceEngine.
 
     uv run python -m bench.hf_batching [--pages 32] [--batch-sizes 1 2 4 8 16] [--size 400x520]
+    uv run python -m bench.hf_batching --full-size --device cuda --size 1190x1540 --max-new-tokens 256
+
+`--full-size` swaps the tiny model for `LightOnOcrConfig()`'s 1B architecture (random bf16 weights,
+full 151,936-token head) behind the tiny checkpoint's processor: the engine's real path on a GPU
+(processor, batcher, padding, `generate`, decoding) at the real model's cost per token.
 
 The tiny checkpoint (tests/support/tiny_checkpoint.py: real classes and processor, random
 weights) says nothing about the real model's speed; this measures what batching buys
@@ -13,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,12 +34,34 @@ from tests.support.documents import make_marked_image
 from tests.support.tiny_checkpoint import build_tiny_checkpoint
 
 
-async def run(checkpoint: Path, batch: int, pages: int, size: tuple[int, int], max_new_tokens: int) -> list[object]:
+def make_full_size(checkpoint: Path) -> None:
+    """Replace the tiny model in `checkpoint` by the full-size architecture, keeping its token ids."""
+    from transformers import GenerationConfig, LightOnOcrConfig, LightOnOcrForConditionalGeneration
+
+    tiny = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    config = LightOnOcrConfig(image_token_id=tiny["image_token_id"])
+    text: Any = config.text_config
+    text.eos_token_id = tiny["text_config"]["eos_token_id"]
+    text.pad_token_id = tiny["text_config"]["pad_token_id"]
+    text.bos_token_id = None
+    torch.manual_seed(0)
+    generation = GenerationConfig.from_pretrained(checkpoint)
+    model: Any = LightOnOcrForConditionalGeneration(config)
+    model = model.to(torch.bfloat16)
+    model.generation_config = generation
+    for stale in checkpoint.glob("model*.safetensors*"):
+        stale.unlink()
+    model.save_pretrained(checkpoint)
+
+
+async def run(
+    checkpoint: Path, device: str, batch: int, pages: int, size: tuple[int, int], max_new_tokens: int
+) -> list[object]:
     settings = load_settings(
         _env_file=None,
         model_source="huggingface",
         model_name=str(checkpoint),
-        device="cpu",
+        device=device,
         hf_max_batch_size=batch,
         hf_batch_wait_ms=50,
         max_new_tokens=max_new_tokens,
@@ -47,7 +76,8 @@ async def run(checkpoint: Path, batch: int, pages: int, size: tuple[int, int], m
         elapsed = time.perf_counter() - started
         batches = sorted(set(engine.batch_sizes))
     tokens = sum(result.tokens for result in results)
-    return [batch, pages / elapsed, tokens / elapsed, tokens / pages, ",".join(map(str, batches)), elapsed]
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    return [batch, pages / elapsed, tokens / elapsed, tokens / pages, ",".join(map(str, batches)), peak, elapsed]
 
 
 def main() -> None:
@@ -56,16 +86,26 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--size", default="400x520", help="page size in pixels, WxH")
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--device", choices=["cpu", "cuda", "mps"], default="cpu")
+    parser.add_argument("--full-size", action="store_true", help="the 1B architecture instead of the tiny one")
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
-    print_header(f"HuggingFaceEngine on CPU, tiny model, {args.pages} pages of {width}x{height}")
+    kind = "full-size (1B, random weights)" if args.full_size else "tiny"
+    gpu = f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""
+    print_header(f"HuggingFaceEngine on {args.device}{gpu}, {kind} model, {args.pages} pages of {width}x{height}")
     print(f"torch threads: {torch.get_num_threads()}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = build_tiny_checkpoint(Path(tmp))
+        if args.full_size:
+            make_full_size(checkpoint)
         for batch in args.batch_sizes:
-            rows.append(asyncio.run(run(checkpoint, batch, args.pages, (width, height), args.max_new_tokens)))
-    print_table(["batch size", "pages/s", "tokens/s", "tokens/page", "batches formed", "seconds"], rows)
+            if args.device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            size = (width, height)
+            rows.append(asyncio.run(run(checkpoint, args.device, batch, args.pages, size, args.max_new_tokens)))
+    headers = ["batch size", "pages/s", "tokens/s", "tokens/page", "batches formed", "peak GiB", "seconds"]
+    print_table(headers, rows)
 
 
 if __name__ == "__main__":
