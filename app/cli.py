@@ -41,6 +41,7 @@ from typer.core import TyperArgument, TyperCommand, TyperOption
 from app import __version__
 from app.errors import OCRError
 from app.events import ErrorEvent, ProgressEvent, ResultEvent, StartEvent, parse_event
+from app.profiles import active_profile
 from app.results import DocumentResult
 from app.settings import Settings, SettingsError, get_settings
 from app.text import markdown_to_text
@@ -584,6 +585,7 @@ def _local_info(settings: Settings) -> dict[str, Any]:
     from app.engines import build_engine  # builds the engine object only: no weights are loaded
 
     engine = build_engine(settings).info()
+    profile = active_profile(settings)
     info: dict[str, Any] = {
         "name": settings.project_name,
         "version": __version__,
@@ -591,8 +593,9 @@ def _local_info(settings: Settings) -> dict[str, Any]:
         "model": engine.model,
         "model_version": settings.model_version,
         "device": engine.device,
-        "sampling": {"temperature": settings.temperature, "top_p": settings.top_p},
+        "sampling": {"temperature": profile.temperature, "top_p": profile.top_p},
         "retry_temperatures": settings.retry_temperatures,
+        "profile": profile.describe(),
         "limits": {
             "max_file_size_mb": settings.max_file_size_mb,
             "max_pages": settings.max_pages,

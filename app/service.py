@@ -36,6 +36,7 @@ from app.events import ErrorEvent, ErrorInfo, Event, PageEvent, ProgressEvent, R
 from app.intake import Document, IntakeLimits, open_document, parse_page_selection
 from app.metrics import Metrics
 from app.postprocess import repair_escaped_dollars
+from app.profiles import ActiveProfile, active_profile
 from app.quality import is_repetitive
 from app.results import DocumentResult, FinishedPage, Generation, PageError, PageResult, PageStatus
 from app.settings import Settings
@@ -69,7 +70,9 @@ class OCRService:
         self.settings = settings
         self.engine = engine if engine is not None else build_engine(settings)
         self._startup: asyncio.Task[None] | None = None
-        self._limits = IntakeLimits(max_image_pixels=settings.max_image_pixels)
+        # The model's profile (app/profiles.py): page size and first-attempt sampling.
+        self.profile: ActiveProfile = active_profile(settings)
+        self._limits = IntakeLimits(max_image_pixels=settings.max_image_pixels, longest_edge=self.profile.longest_edge)
         self.admission = Admission(
             max_queued=settings.max_queued_pages,
             per_client=settings.key_max_pages_in_flight,
@@ -323,11 +326,11 @@ class OCRService:
         except OCRError as exc:
             return FinishedPage(_failed_page(number, exc, started, attempts=0), [])
         width, height = image.size
-        temperatures = [self.settings.temperature, *self.settings.retry_temperatures]
+        temperatures = [self.profile.temperature, *self.settings.retry_temperatures]
         best: tuple[int, Generation] | None = None
         attempts = 0
         for temperature in temperatures:
-            sampling = Sampling(temperature, self.settings.top_p, self.settings.max_new_tokens)
+            sampling = Sampling(temperature, self.profile.top_p, self.settings.max_new_tokens)
             attempts += 1
             try:
                 generation = await self.engine.recognize(image, sampling)

@@ -77,10 +77,16 @@ class Settings(BaseSettings):
     device: Device = Device.CUDA
     max_file_size_mb: PositiveFloat = 10
 
-    # Generation (REFERENCE.md: the authors sample at 0.2 / 0.9; a bound is always sent).
+    # Model profile (app/profiles.py): page size and sampling come from the checkpoint's row of the
+    # table, found by MODEL_NAME; MODEL_PROFILE names the row when the served name does not say
+    # (a custom --served-model-name). The three settings below override the row's values when set.
+    model_profile: str | None = None
+    render_longest_edge: Annotated[int, Field(ge=28, le=8192)] | None = None
+
+    # Generation (REFERENCE.md: the authors sample at 0.2 and top_p 0.9 or 1.0; a bound is always sent).
     max_new_tokens: PositiveInt = 4096
-    temperature: Annotated[float, Field(ge=0, le=2)] = 0.2
-    top_p: Annotated[float, Field(gt=0, le=1)] = 0.9
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
 
     # Runaway generations: a page that hits the token limit or loops is retried at these
     # temperatures in turn (bounded attempts), and the best attempt is kept.
@@ -194,11 +200,25 @@ class Settings(BaseSettings):
         "key_max_pages_in_flight",
         "rate_limit_pages_per_min",
         "webhook_secret",
+        "model_profile",
+        "render_longest_edge",
+        "temperature",
+        "top_p",
         mode="before",
     )
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("model_profile")
+    @classmethod
+    def _known_profile(cls, value: str | None) -> str | None:
+        from app.profiles import all_profiles, find_profile
+
+        if value is not None and find_profile(value) is None:
+            names = ", ".join(row.name for row in all_profiles())
+            raise ValueError(f"not a checkpoint of the profile table; one of {names}")
+        return value
 
     def load_api_keys(self) -> frozenset[str]:
         """API_KEYS plus one key per non-blank, non-comment line of API_KEYS_FILE."""

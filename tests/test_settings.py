@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from app.profiles import active_profile
 from app.settings import Device, ModelSource, SettingsError, load_settings
 
 
@@ -18,7 +19,10 @@ def test_specified_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.device is Device.CUDA
     assert settings.max_file_size_mb == 10
     assert settings.vllm_base_url == "http://localhost:8001/v1"
-    assert (settings.max_new_tokens, settings.temperature, settings.top_p) == (4096, 0.2, 0.9)
+    assert (settings.max_new_tokens, settings.temperature, settings.top_p) == (4096, None, None)
+    # Sampling and page size come from the default model's profile (app/profiles.py) unless set.
+    profile = active_profile(settings)
+    assert (profile.temperature, profile.top_p, profile.longest_edge) == (0.2, 0.9, 1540)
     assert settings.max_concurrent_pages == 64
     assert settings.model_version == "lightonocr-2-1b"
 

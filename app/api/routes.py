@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from typing import Literal
+from typing import Any, Literal
 
 import anyio
 from fastapi import APIRouter, Request
@@ -163,6 +163,29 @@ class Endpoint(BaseModel):
     errors: int = Field(description="Failed attempts at it (connection errors, 5xx, 429, timeouts).")
 
 
+class ModelProfile(BaseModel):
+    """The profile table's row for MODEL_NAME (app/profiles.py), with the settings that override it applied."""
+
+    name: str = Field(
+        description="The checkpoint's row (`fallback` for an unknown name).", examples=["LightOnOCR-2-1B"]
+    )
+    known: bool = Field(description="False when MODEL_NAME is not in the table and LightOn's fallback is used.")
+    generation: int = Field(description="LightOnOCR generation (1, 2 or 3).", examples=[2])
+    architecture: str = Field(description="`lightonocr` (Pixtral + Qwen3) or `qwen3_5` (Qwen3.5-VL).")
+    longest_edge: int = Field(description="Longest edge of the page images sent, in px.", examples=[1540])
+    temperature: float = Field(description="Temperature of first attempts.", examples=[0.2])
+    top_p: float = Field(description="top_p of every attempt.", examples=[0.9])
+    supports_grounding: bool = Field(description="Whether mode=grounding is available (generation 3).")
+    emits_picture_boxes: bool = Field(description="Whether the model writes each picture's box (the -bbox ones).")
+    extra_request_fields: dict[str, Any] = Field(
+        description="Fields added to every chat request.",
+        examples=[{"chat_template_kwargs": {"enable_thinking": False}}],
+    )
+    overridden_by: list[str] = Field(
+        description="Settings that replace the row's values (TEMPERATURE, TOP_P, RENDER_LONGEST_EDGE).", examples=[[]]
+    )
+
+
 class Info(BaseModel):
     name: str = Field(description="Service name (PROJECT_NAME).", examples=["LightOnOCR-Service"])
     version: str = Field(description="Version of this service.", examples=["0.1.0"])
@@ -176,6 +199,7 @@ class Info(BaseModel):
         description="Sampling of first attempts.", examples=[{"temperature": 0.2, "top_p": 0.9}]
     )
     limits: Limits = Field(description="Limits a request must stay within.")
+    profile: ModelProfile = Field(description="The model's profile in use (README, 'Supported checkpoints').")
     endpoints: list[Endpoint] = Field(
         default_factory=list, description="The vLLM servers of VLLM_BASE_URL and their state (empty for huggingface)."
     )
@@ -208,7 +232,8 @@ async def info(request: Request, service: Service) -> Info:
         model_version=settings.model_version,
         device=engine.device,
         ready=ready,
-        sampling={"temperature": settings.temperature, "top_p": settings.top_p},
+        sampling={"temperature": service.profile.temperature, "top_p": service.profile.top_p},
+        profile=ModelProfile(**service.profile.describe()),
         limits=Limits(
             max_file_size_mb=settings.max_file_size_mb,
             max_pages=settings.max_pages,

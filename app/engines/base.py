@@ -19,6 +19,9 @@ class Sampling:
     temperature: float
     top_p: float
     max_new_tokens: int
+    # A text part sent after the image, for models that take one (generation 3: `grounding`,
+    # app.profiles.GROUNDING_PROMPT); None: the image alone, the authors' plain request.
+    prompt: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ from app.engines.fleet import Endpoint, Fleet, display_url
 from app.errors import EngineError, EngineTimeout, EngineUnavailable, PageRejected
 from app.imaging import encode_png, png_data_url
 from app.intake.document import pad_to_min_side
+from app.profiles import Profile, active_profile
 from app.results import Generation
 from app.settings import Settings
 
@@ -35,6 +36,7 @@ _HEALTH_TIMEOUT_S = 5.0
 PROBE_INTERVAL_S = 3.0
 # vLLM resizes pages to whole 28-px merged patches and fails on a side shorter than that
 # (REFERENCE.md; LightOnOCR's profile: patch 14 x spatial merge 2). Shorter sides are padded.
+# Each profile has its own (Profile.min_side: 32 for the Qwen3.5-based ones); this is LightOnOCR-2's.
 MIN_SIDE = 28
 
 
@@ -55,6 +57,7 @@ class _TransientFailure(Exception):
 class VLLMEngine(EngineBase):
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
+        self._profile: Profile = active_profile(settings).row
         self._endpoints = settings.vllm_endpoints
         self._fleet: Fleet | None = None
         self._prober: asyncio.Task[None] | None = None
@@ -199,18 +202,24 @@ class VLLMEngine(EngineBase):
             )
 
     def payload(self, png: bytes, sampling: Sampling) -> dict[str, Any]:
-        """The authors' request: one user turn holding only the page image."""
+        """The authors' request (LightOn's client): one user turn holding the page image, then the text
+        part when one is asked for (grounding), plus the profile's extra fields (`chat_template_kwargs`
+        for the Qwen3.5-based checkpoints)."""
+        content: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": png_data_url(png)}}]
+        if sampling.prompt is not None:
+            content.append({"type": "text", "text": sampling.prompt})
         return {
             "model": self._settings.model_name,
-            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url(png)}}]}],
+            "messages": [{"role": "user", "content": content}],
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
             "max_tokens": sampling.max_new_tokens,
+            **self._profile.request_extra(),
         }
 
     def encode_page(self, image: Image.Image, sampling: Sampling) -> dict[str, Any]:
         """The request body for a page (PNG + base64): CPU work, run in a worker thread."""
-        return self.payload(encode_png(pad_to_min_side(image, MIN_SIDE)), sampling)
+        return self.payload(encode_png(pad_to_min_side(image, self._profile.min_side)), sampling)
 
     async def recognize(self, image: Image.Image, sampling: Sampling) -> Generation:
         # Encoding (PNG and base64) happens in a worker thread before taking a slot, so it

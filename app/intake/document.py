@@ -28,7 +28,8 @@ from app.errors import (
 )
 from app.intake.sniff import DocType, sniff
 
-# REFERENCE.md: longest edge at most 1540 px, PDFs at most 200 DPI, never upscaled.
+# REFERENCE.md: longest edge at most 1540 px, PDFs at most 200 DPI, never upscaled. 1540 is
+# LightOnOCR-1/2's size; the model's profile (app/profiles.py) may ask for another (2048).
 LONGEST_EDGE = 1540
 PDF_MAX_DPI = 200
 
@@ -42,6 +43,8 @@ Image.MAX_IMAGE_PIXELS = None
 @dataclass(frozen=True, slots=True)
 class IntakeLimits:
     max_image_pixels: int
+    # Longest edge of the page images, from the model's profile (or RENDER_LONGEST_EDGE).
+    longest_edge: int = LONGEST_EDGE
 
 
 class Document(Protocol):
@@ -64,24 +67,24 @@ def open_document(data: bytes, *, limits: IntakeLimits, password: str | None = N
     return ImageDocument(data, doc_type=doc_type, limits=limits)
 
 
-def pdf_scale(width_pt: float, height_pt: float) -> float:
-    """Render scale for a page: at most 200 DPI and 1540 px on the longest edge.
+def pdf_scale(width_pt: float, height_pt: float, longest_edge: int = LONGEST_EDGE) -> float:
+    """Render scale for a page: at most 200 DPI and `longest_edge` (1540) px on the longest edge.
 
     pypdfium2 rounds the bitmap size up, and `1540 / w * w` can land a hair above
     1540 in floating point (1541 px for ~5% of page sizes): step the scale down
     until the longest edge really fits.
     """
     longest = max(width_pt, height_pt)
-    scale = min(PDF_MAX_DPI / 72, LONGEST_EDGE / longest)
-    while math.ceil(longest * scale) > LONGEST_EDGE:
+    scale = min(PDF_MAX_DPI / 72, longest_edge / longest)
+    while math.ceil(longest * scale) > longest_edge:
         scale = math.nextafter(scale, 0)
     return scale
 
 
-def fit_to_model(image: Image.Image) -> Image.Image:
-    """Downscale (LANCZOS) so the longest edge is at most 1540 px; never upscale."""
+def fit_to_model(image: Image.Image, longest_edge: int = LONGEST_EDGE) -> Image.Image:
+    """Downscale (LANCZOS) so the longest edge is at most `longest_edge` (1540) px; never upscale."""
     width, height = image.size
-    scale = LONGEST_EDGE / max(width, height)
+    scale = longest_edge / max(width, height)
     if scale >= 1:
         return image
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
@@ -122,14 +125,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image
 
 
-def normalise_image(frame: Image.Image) -> Image.Image:
-    """EXIF orientation, RGB, LANCZOS to at most 1540 px; `frame` is consumed (transposed in place)."""
+def normalise_image(frame: Image.Image, longest_edge: int = LONGEST_EDGE) -> Image.Image:
+    """EXIF orientation, RGB, LANCZOS to at most `longest_edge` px; `frame` is consumed (transposed in place)."""
     ImageOps.exif_transpose(frame, in_place=True)
     if frame.mode in ("1", "L"):
         # Resize one channel instead of three: LANCZOS works per channel, so gray-then-RGB gives
         # the reference's pixels at a third of the cost (bench/intake.py, test_pixel_equality.py).
-        return fit_to_model(frame.convert("L")).convert("RGB")
-    return fit_to_model(to_rgb(frame))
+        return fit_to_model(frame.convert("L"), longest_edge).convert("RGB")
+    return fit_to_model(to_rgb(frame), longest_edge)
 
 
 # A path that never exists: opening it is how the last error is set to a known value (FPDF_ERR_FILE).
@@ -186,7 +189,7 @@ class PdfDocument:
                     if not (width > 0 and height > 0):
                         raise CorruptDocument(f"page {index + 1} has no area", page=index + 1)
                     # rev_byteorder: PDFium writes RGB itself, saving a BGR -> RGB pass (bench/intake.py).
-                    bitmap = page.render(scale=pdf_scale(width, height), rev_byteorder=True)
+                    bitmap = page.render(scale=pdf_scale(width, height, self._limits.longest_edge), rev_byteorder=True)
                     raw: Image.Image = bitmap.to_pil()
                     # to_pil() shares the bitmap's buffer only for L/RGBX/RGBA (Pillow's mappable
                     # modes): those are converted, i.e. copied, before the bitmap is freed. An RGB
@@ -245,7 +248,7 @@ class ImageDocument:
 
     def render(self, index: int) -> Image.Image:
         try:
-            return normalise_image(self.frame(index))
+            return normalise_image(self.frame(index), self._limits.longest_edge)
         except (OSError, SyntaxError, ValueError, EOFError, TypeError) as exc:
             raise CorruptDocument(f"image page {index + 1} cannot be decoded: {exc}", page=index + 1) from None
 

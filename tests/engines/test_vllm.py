@@ -17,6 +17,7 @@ from starlette.routing import Route
 from app.engines.base import Sampling
 from app.engines.vllm import VLLMEngine
 from app.errors import EngineError, EngineTimeout, EngineUnavailable, PageRejected
+from app.profiles import active_profile
 from app.results import Generation
 from app.settings import Settings
 from tests.conftest import make_settings
@@ -34,7 +35,7 @@ def settings_for(url: str, **overrides: Any) -> Settings:
 
 
 def sampling_of(settings: Settings) -> Sampling:
-    return Sampling(settings.temperature, settings.top_p, settings.max_new_tokens)
+    return Sampling(active_profile(settings).temperature, active_profile(settings).top_p, settings.max_new_tokens)
 
 
 def page(page_id: int = 1) -> Image.Image:

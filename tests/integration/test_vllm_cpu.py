@@ -34,6 +34,7 @@ from app.engines.vllm import VLLMEngine
 from app.errors import PageRejected
 from app.intake.document import fit_to_model
 from app.main import create_app
+from app.profiles import active_profile
 from tests.conftest import corpus_document, make_settings
 from tests.hostile.cases import THIN_SHAPES
 from tests.support.documents import make_jpeg, make_pdf, make_png
@@ -181,6 +182,7 @@ def _serve(vllm_server: VLLMServer, **overrides: Any) -> ServedApp:
     values: dict[str, Any] = {
         "model_source": "vllm",
         "model_name": SERVED_MODEL_NAME,
+        "model_profile": "LightOnOCR-2-1B",  # the served name says nothing: the tiny model is a 2-1B
         "vllm_base_url": vllm_server.base_url,
         "max_new_tokens": MAX_NEW_TOKENS,
         "max_concurrent_pages": 8,
@@ -357,12 +359,13 @@ def test_real_vllm_refusal_of_an_unpadded_thin_page_is_not_retried(
     settings = make_settings(
         model_source="vllm",
         model_name=SERVED_MODEL_NAME,
+        model_profile="LightOnOCR-2-1B",
         vllm_base_url=vllm_server.base_url,
         max_new_tokens=MAX_NEW_TOKENS,
         vllm_retry_backoff_s=0.1,
         vllm_max_retries=3,
     )
-    sampling = Sampling(settings.temperature, settings.top_p, settings.max_new_tokens)
+    sampling = Sampling(active_profile(settings).temperature, active_profile(settings).top_p, settings.max_new_tokens)
     posts: list[int] = []
 
     async def attempt() -> None:

@@ -260,8 +260,19 @@ def _add_image_tokens_to_processor_config(path: Path) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def build_tiny_checkpoint(target: Path) -> Path:
-    """Write a tiny LightOnOCR checkpoint (model, processor, generation config) into `target`."""
+def _record_name(path: Path, name: str) -> None:
+    """Put the checkpoint's name in config.json (`_name_or_path`), where the service's profile lookup
+    reads it for a directory whose own name says nothing (app/profiles.py)."""
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["_name_or_path"] = name
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def build_tiny_checkpoint(target: Path, name: str = "lightonai/LightOnOCR-2-1B") -> Path:
+    """Write a tiny LightOnOCR checkpoint (model, processor, generation config) into `target`.
+
+    `name` is recorded in its config.json: the profile the service picks for it (LightOnOCR-2-1B).
+    """
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
 
@@ -286,6 +297,7 @@ def build_tiny_checkpoint(target: Path) -> Path:
     model.save_pretrained(target)
     processor.save_pretrained(target)
     _add_image_tokens_to_processor_config(target / "processor_config.json")
+    _record_name(target / "config.json", name)
     return target
 
 
