@@ -367,6 +367,7 @@
         enableDownloads();
         break;
       case "progress":
+        run.seen = event.done; // the resume point of a followed job (Last-Event-ID)
         paintProgress(event.done, event.total);
         break;
       case "result": {
@@ -378,6 +379,7 @@
         break;
       }
       case "error":
+        run.ended = true;
         showError(event.error.message, event.error.code);
         stopped();
         break;
@@ -429,7 +431,7 @@
         if (run !== state) return;
         handle(event);
       }
-      if (!state.result && $("error").hidden) {
+      if (!state.result && $("error").hidden && !state.ended) {
         showError("The connection closed before the document was finished.", "stream_closed");
         stopped();
       }
@@ -442,6 +444,48 @@
       if (run === state) $("run").disabled = false;
     }
     await images;
+  }
+
+  // Follow a job (the page opened as `/#job=<id>`) from any replica: GET api/jobs/{id}/events gives the same
+  // events as a stream; a cut connection resumes after the pages already shown (Last-Event-ID).
+  async function followJob(id) {
+    if (run) run.controller.abort();
+    const state = { controller: new AbortController(), pages: new Map(), images: new Map(), result: null, started: false };
+    state.imageError = "page images of a job are at api/jobs/{id}/pages/{n}/image";
+    run = state;
+    clearError();
+    $("results").replaceChildren();
+    $("status").hidden = false;
+    paintProgress(0, 0);
+    $("progress-text").textContent = `Following job ${id}…`;
+    enableDownloads();
+    for (let tries = 0; tries < 5 && run === state && !state.result && !state.ended; tries++) {
+      if (tries) await new Promise((resolve) => setTimeout(resolve, 1000));
+      const headers = { Accept: "application/x-ndjson" };
+      if (state.started) headers["Last-Event-ID"] = String(state.seen || 0);
+      try {
+        const response = await fetch(`api/jobs/${encodeURIComponent(id)}/events`, {
+          headers: authHeaders(headers),
+          signal: state.controller.signal,
+        });
+        if (!response.ok) {
+          const error = await failureOf(response);
+          showError(error.message, error.code);
+          stopped();
+          return;
+        }
+        for await (const event of ndjson(response.body)) {
+          if (run !== state) return;
+          handle(event);
+        }
+      } catch (err) {
+        if (err.name === "AbortError") return;
+      }
+    }
+    if (run === state && !state.result && !state.ended) {
+      showError("The connection to the job's events kept closing.", "stream_closed");
+      stopped();
+    }
   }
 
   // ---------------------------------------------------------------- copy and download
@@ -518,4 +562,6 @@
   }
 
   wire();
+  const followed = /^#job=([\w-]+)$/.exec(window.location.hash);
+  if (followed) followJob(followed[1]);
 })();
