@@ -29,7 +29,6 @@ from app.blocks import parse_blocks
 from app.imaging import png_data_url
 from app.results import HEADER_FOOTER_LABELS, LABELS, Block, BlockType, Box, PageWarning
 
-GROUNDING_PROMPT = "grounding"  # the text part of a grounding request, after the image
 PICTURE_PAD = 5  # pixels around a cropped picture, as LightOn's demo crops them
 
 # A marker as the model writes it, with anything number-like inside the brackets, so that a box with the wrong

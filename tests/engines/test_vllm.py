@@ -113,6 +113,28 @@ async def test_missing_api_key_makes_health_fail() -> None:
                 await engine.check_health()
 
 
+async def test_grounding_sends_the_image_then_the_text_grounding(stub: StubVLLM) -> None:
+    """LightOn's client: grounding is the same request with a text part `grounding` after the image."""
+    settings = settings_for(stub.base_url)
+    body = VLLMEngine(settings).payload(b"\x89PNG\r\n\x1a\n", Sampling(0.2, 0.9, 100, prompt="grounding"))
+    [message] = body["messages"]
+    assert [part["type"] for part in message["content"]] == ["image_url", "text"]
+    assert message["content"][1] == {"type": "text", "text": "grounding"}
+    seen: list[str | None] = []
+
+    def responder(request: StubRequest) -> Reply:
+        seen.append(request.prompt)
+        return Reply(text="![text](1,2,3,4) x")
+
+    stub.responder = responder
+    async with VLLMEngine(settings) as engine:
+        generation = await engine.recognize(page(3), Sampling(0.2, 0.9, 100, prompt="grounding"))
+        await engine.recognize(page(4), Sampling(0.2, 0.9, 100))
+    assert generation.text == "![text](1,2,3,4) x"
+    assert seen == ["grounding", None]
+    assert stub.violations == []
+
+
 # --------------------------------------------------------------------------- retries
 
 

@@ -41,6 +41,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
+from app.profiles import GROUNDING_PROMPT
 from tests.support.documents import page_id_of
 from tests.support.server import ServedApp
 
@@ -56,6 +57,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ALLOWED_KEYS = frozenset({"model", "messages", "temperature", "top_p", "max_tokens"})
 EXPECTED_MESSAGES = (
     '[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}]}]'
+    ' (grounding: the image part, then {"type": "text", "text": "grounding"})'
 )
 
 
@@ -76,6 +78,7 @@ class StubRequest:
     body: bytes  # raw HTTP body
     attempt: int  # 1 for the first request with this PNG, 2 for the first retry, ...
     mode: str  # PNG colour mode as sent (e.g. "RGB", "RGBA", "L")
+    prompt: str | None = None  # the user turn's text part after the image ("grounding"); None: image only
 
 
 @dataclass
@@ -117,8 +120,13 @@ def describe(image: Image.Image) -> str:
     return f"page {page}" if page is not None else f"image {image.width}x{image.height}"
 
 
+def grounded(request: StubRequest) -> str:
+    """Default grounding output: a title block and a text block, with LightOn's markers."""
+    return f"![title](50,40,950,90) # {describe(request.image)}\n![text](50,100,950,300) {describe(request.image)}"
+
+
 def default_responder(request: StubRequest) -> Reply:
-    return Reply(text=describe(request.image))
+    return Reply(text=grounded(request) if request.prompt == GROUNDING_PROMPT else describe(request.image))
 
 
 class _Violation(Exception):
@@ -346,7 +354,7 @@ class StubVLLM:
     async def _handle_chat(self, request: Request, send: Send, release: Callable[[Callable[[], None]], None]) -> None:
         body = await request.body()
         try:
-            image, png, params = self._validate(request, body)
+            image, png, params, prompt = self._validate(request, body)
         except _Violation as v:
             violation = v
             release(lambda: self._violations.append(violation.message))
@@ -371,7 +379,7 @@ class StubVLLM:
             await JSONResponse(error_body(500, UNPROCESSABLE_MESSAGE), 500)(request.scope, request.receive, send)
             return
         rgb = image.convert("RGB")
-        stub_request = StubRequest(rgb, sha, params, body, attempt, image.mode)
+        stub_request = StubRequest(rgb, sha, params, body, attempt, image.mode, prompt)
 
         # Race the responder against a client disconnect, like vLLM aborting the request.
         work = asyncio.ensure_future(self._produce(stub_request))
@@ -443,7 +451,7 @@ class StubVLLM:
         transport.abort()
         cycle.disconnected = True  # as connection_lost() will: stops uvicorn from sending a 500
 
-    def _validate(self, request: Request, body: bytes) -> tuple[Image.Image, bytes, SamplingParams]:
+    def _validate(self, request: Request, body: bytes) -> tuple[Image.Image, bytes, SamplingParams, str | None]:
         if not request.headers.get("content-type", "").startswith("application/json"):
             raise _Violation(f"content-type must be application/json, got {request.headers.get('content-type')!r}")
         try:
@@ -464,12 +472,26 @@ class StubVLLM:
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise _Violation(f"max_tokens must be a positive integer, got {max_tokens!r}")
 
+        prompt: str | None = None
         match data["messages"]:
             case [
                 {"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(url), **r3}, **r2}], **r1}
             ]:
                 if r1 or r2 or r3:
                     raise _Violation(f"messages must be exactly {EXPECTED_MESSAGES}; extra keys {[*r1, *r2, *r3]}")
+            case [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": str(url), **r3}, **r2},
+                        {"type": "text", "text": "grounding", **r4},
+                    ],
+                    **r1,
+                }
+            ]:
+                prompt = GROUNDING_PROMPT
+                if r1 or r2 or r3 or r4:
+                    raise _Violation(f"messages must be exactly {EXPECTED_MESSAGES}; extra keys {[*r1, *r2, *r3, *r4]}")
             case other:
                 raise _Violation(f"messages must be exactly {EXPECTED_MESSAGES}, got {json.dumps(other)[:300]}")
         if not url.startswith(DATA_URL_PREFIX):
@@ -496,7 +518,7 @@ class StubVLLM:
                 f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, "
                 f"{max_tokens} in the completion)."
             )
-        return image, png, SamplingParams(temperature, top_p, max_tokens)
+        return image, png, SamplingParams(temperature, top_p, max_tokens), prompt
 
     def _completion(self, request: StubRequest, reply: Reply) -> dict[str, Any]:
         text = describe(request.image) if reply.text is None else reply.text
