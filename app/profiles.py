@@ -216,12 +216,15 @@ class ActiveProfile:
         return shown
 
 
-def active_profile(settings: Settings) -> ActiveProfile:
-    """MODEL_PROFILE if set, else MODEL_NAME (or a local checkpoint's config) looked up; settings override."""
-    if settings.model_profile is not None:
-        row = lookup(settings.model_profile)
-    else:
-        row = lookup(settings.model_name, *config_names(settings.model_name))
+def active_profile(settings: Settings, model: str | None = None) -> ActiveProfile:
+    """MODEL_PROFILE if set, else the model's name (or a local checkpoint's config) looked up; settings override.
+
+    `model`: the name the engine really serves, when it differs from MODEL_NAME (an engine that asks
+    the server which model it serves); MODEL_NAME otherwise.
+    """
+    name = model or settings.model_name
+    by_setting = settings.model_profile
+    row = lookup(by_setting) if by_setting is not None else lookup(name, *config_names(name))
     overridden = []
     if settings.temperature is not None:
         overridden.append("TEMPERATURE")

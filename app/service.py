@@ -70,9 +70,7 @@ class OCRService:
         self.settings = settings
         self.engine = engine if engine is not None else build_engine(settings)
         self._startup: asyncio.Task[None] | None = None
-        # The model's profile (app/profiles.py): page size and first-attempt sampling.
-        self.profile: ActiveProfile = active_profile(settings)
-        self._limits = IntakeLimits(max_image_pixels=settings.max_image_pixels, longest_edge=self.profile.longest_edge)
+        self._profile: tuple[str, ActiveProfile] | None = None
         self.admission = Admission(
             max_queued=settings.max_queued_pages,
             per_client=settings.key_max_pages_in_flight,
@@ -90,6 +88,23 @@ class OCRService:
             waiting=lambda: self.scheduler.waiting,
         )
         self.metrics.track_endpoints(lambda: self.engine.info().endpoints)
+
+    @property
+    def profile(self) -> ActiveProfile:
+        """The model's profile (app/profiles.py): page size and first-attempt sampling.
+
+        Looked up by MODEL_NAME, or by the name the engine found served once started (an engine may
+        define a `served_model` attribute, None until it knows), and again only when that name changes.
+        """
+        served: str | None = getattr(self.engine, "served_model", None)
+        model = served or self.settings.model_name
+        if self._profile is None or self._profile[0] != model:
+            self._profile = (model, active_profile(self.settings, model))
+        return self._profile[1]
+
+    @property
+    def _limits(self) -> IntakeLimits:
+        return IntakeLimits(max_image_pixels=self.settings.max_image_pixels, longest_edge=self.profile.longest_edge)
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -326,11 +341,12 @@ class OCRService:
         except OCRError as exc:
             return FinishedPage(_failed_page(number, exc, started, attempts=0), [])
         width, height = image.size
-        temperatures = [self.profile.temperature, *self.settings.retry_temperatures]
+        profile = self.profile
+        temperatures = [profile.temperature, *self.settings.retry_temperatures]
         best: tuple[int, Generation] | None = None
         attempts = 0
         for temperature in temperatures:
-            sampling = Sampling(temperature, self.profile.top_p, self.settings.max_new_tokens)
+            sampling = Sampling(temperature, profile.top_p, self.settings.max_new_tokens)
             attempts += 1
             try:
                 generation = await self.engine.recognize(image, sampling)

@@ -113,9 +113,17 @@ async def test_missing_api_key_makes_health_fail() -> None:
                 await engine.check_health()
 
 
-async def test_grounding_sends_the_image_then_the_text_grounding(stub: StubVLLM) -> None:
-    """LightOn's client: grounding is the same request with a text part `grounding` after the image."""
-    settings = settings_for(stub.base_url)
+async def test_grounding_sends_the_image_then_the_text_grounding() -> None:
+    """LightOn's client: grounding is the same request with a text part `grounding` after the image.
+
+    A generation-3 model: the stand-in refuses the text part from the others (tests/engines/test_vllm_profiles.py).
+    """
+    with StubVLLM(model="lightonai/LightOnOCR-3-1B") as stub:
+        await _grounding_round_trip(stub)
+
+
+async def _grounding_round_trip(stub: StubVLLM) -> None:
+    settings = settings_for(stub.base_url, model_name=stub.model)
     body = VLLMEngine(settings).payload(b"\x89PNG\r\n\x1a\n", Sampling(0.2, 0.9, 100, prompt="grounding"))
     [message] = body["messages"]
     assert [part["type"] for part in message["content"]] == ["image_url", "text"]

@@ -59,6 +59,36 @@ EXPECTED_MESSAGES = (
     '[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}]}]'
     ' (grounding: the image part, then {"type": "text", "text": "grounding"})'
 )
+GROUNDING_TEXT = {"type": "text", "text": "grounding"}
+NO_THINKING = {"enable_thinking": False}
+
+
+@dataclass(frozen=True)
+class ExpectedShape:
+    """What LightOn's client sends to a served model, told apart by its name (REFERENCE.md's table).
+
+    Written here independently of app/profiles.py, so a wrong row there shows up as a violation.
+    """
+
+    longest_edge: int  # images larger than this are refused
+    min_side: int  # smaller sides make the processor fail (HTTP 500)
+    grounding: bool  # a text part `grounding` after the image is accepted (generation 3)
+    no_thinking: bool  # `chat_template_kwargs: {"enable_thinking": false}` is required (Qwen3.5-based)
+
+    @property
+    def keys(self) -> frozenset[str]:
+        return ALLOWED_KEYS | {"chat_template_kwargs"} if self.no_thinking else ALLOWED_KEYS
+
+
+def expected_shape(model: str) -> ExpectedShape:
+    """LightOnOCR-1/2 (and 3-1B): Pixtral at 1540 px, no extra field; 3-0.8B/3-4B and unknown names
+    (LightOn's fallback): Qwen3.5 at 2048 px with thinking turned off."""
+    name = model.rstrip("/").rsplit("/", 1)[-1].lower()
+    if name.startswith(("lightonocr-1b-", "lightonocr-0.9b-", "lightonocr-2-1b")):
+        return ExpectedShape(MAX_EDGE, MIN_SIDE, grounding=False, no_thinking=False)
+    if name == "lightonocr-3-1b" or name.startswith("lightonocr-3-1b-"):
+        return ExpectedShape(MAX_EDGE, MIN_SIDE, grounding=True, no_thinking=False)
+    return ExpectedShape(2048, 32, grounding=True, no_thinking=True)
 
 
 @dataclass(frozen=True)
@@ -112,6 +142,7 @@ class RequestRecord:
     finished_at: float | None = None
     status: int | None = None  # None when dropped or cancelled
     outcome: Literal["pending", "ok", "error", "dropped", "cancelled"] = "pending"
+    prompt: str | None = None  # the text part after the image (`grounding`), None: image only
 
 
 def describe(image: Image.Image) -> str:
@@ -173,12 +204,16 @@ class StubVLLM:
         host: str = "127.0.0.1",
         port: int = 0,
         max_model_len: int = MAX_MODEL_LEN,
-        max_edge: int = MAX_EDGE,
-        min_side: int = MIN_SIDE,
+        max_edge: int | None = None,
+        min_side: int | None = None,
     ) -> None:
+        """`max_edge`, `min_side`: the model's (`expected_shape`) unless given."""
         self.responder: Responder = responder or default_responder
         self.model, self.api_key = model, api_key
-        self.max_model_len, self.max_edge, self.min_side = max_model_len, max_edge, min_side
+        self.shape = expected_shape(model)
+        self.max_model_len = max_model_len
+        self.max_edge = self.shape.longest_edge if max_edge is None else max_edge
+        self.min_side = self.shape.min_side if min_side is None else min_side
         self._served = ServedApp(self._app, host=host, port=port, lifespan="off")
         self.host, self.port = host, self._served.port
         self._cond = threading.Condition(threading.RLock())
@@ -370,6 +405,7 @@ class StubVLLM:
                 len(self._requests), sha, image.width, image.height, image.mode,
                 attempt, params, time.monotonic(),
             )  # fmt: skip
+            record.prompt = prompt
             self._requests.append(record)
             self._cond.notify_all()
         if min(image.size) < self.min_side:
@@ -460,9 +496,16 @@ class StubVLLM:
             raise _Violation(f"body is not JSON: {exc}") from None
         if not isinstance(data, dict):
             raise _Violation("body must be a JSON object")
-        if set(data) != ALLOWED_KEYS:
-            extra, missing = (sorted(set(data) - ALLOWED_KEYS), sorted(ALLOWED_KEYS - set(data)))
-            raise _Violation(f"body keys must be exactly {sorted(ALLOWED_KEYS)}: extra={extra} missing={missing}")
+        keys = self.shape.keys
+        if set(data) != keys:
+            extra, missing = (sorted(set(data) - keys), sorted(keys - set(data)))
+            raise _Violation(
+                f"body keys for {self.model} must be exactly {sorted(keys)}: extra={extra} missing={missing}"
+            )
+        if self.shape.no_thinking and data["chat_template_kwargs"] != NO_THINKING:
+            raise _Violation(
+                f"chat_template_kwargs for {self.model} must be {NO_THINKING}, got {data['chat_template_kwargs']!r}"
+            )
         if data["model"] != self.model:
             raise _Violation(f"The model `{data['model']}` does not exist.", 404)  # vLLM says 404 here
         temperature, top_p = _number(data, "temperature"), _number(data, "top_p")
@@ -475,23 +518,22 @@ class StubVLLM:
         prompt: str | None = None
         match data["messages"]:
             case [
-                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(url), **r3}, **r2}], **r1}
-            ]:
-                if r1 or r2 or r3:
-                    raise _Violation(f"messages must be exactly {EXPECTED_MESSAGES}; extra keys {[*r1, *r2, *r3]}")
-            case [
                 {
                     "role": "user",
-                    "content": [
-                        {"type": "image_url", "image_url": {"url": str(url), **r3}, **r2},
-                        {"type": "text", "text": "grounding", **r4},
-                    ],
+                    "content": [{"type": "image_url", "image_url": {"url": str(url), **r3}, **r2}, *text],
                     **r1,
                 }
             ]:
-                prompt = GROUNDING_PROMPT
-                if r1 or r2 or r3 or r4:
-                    raise _Violation(f"messages must be exactly {EXPECTED_MESSAGES}; extra keys {[*r1, *r2, *r3, *r4]}")
+                if r1 or r2 or r3:
+                    raise _Violation(f"messages must be exactly {EXPECTED_MESSAGES}; extra keys {[*r1, *r2, *r3]}")
+                if text:
+                    if not self.shape.grounding or text != [GROUNDING_TEXT]:
+                        allowed = f"or with {GROUNDING_TEXT} after the image " if self.shape.grounding else ""
+                        raise _Violation(
+                            f"messages for {self.model} must be exactly {EXPECTED_MESSAGES} {allowed}"
+                            f"(got a text part {json.dumps(text)[:200]})"
+                        )
+                    prompt = GROUNDING_PROMPT
             case other:
                 raise _Violation(f"messages must be exactly {EXPECTED_MESSAGES}, got {json.dumps(other)[:300]}")
         if not url.startswith(DATA_URL_PREFIX):
