@@ -29,7 +29,8 @@ from app.api.routes import router
 from app.api.security import ApiKeyMiddleware, is_open
 from app.api.upload import LINGER_MIN_BYTES, LingeringClose
 from app.engines import Engine
-from app.jobs import JobRunner
+from app.jobs import JobRunner, WebhookSender
+from app.jobs.outbox import Outbox
 from app.logs import setup_logging
 from app.metrics import Metrics
 from app.service import OCRService
@@ -57,11 +58,16 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         await service.start()
         jobs = JobRunner.from_settings(settings, service)
         app.state.jobs = jobs
+        outbox = Outbox(jobs.store, WebhookSender.from_settings(settings))
+        jobs.feed.on_end(lambda _: outbox.notify())
+        app.state.outbox = outbox
         try:
             await jobs.start()  # after the engine starts: resumes unfinished jobs
+            await outbox.start()  # webhooks of jobs finished here or by any replica, dead ones included
             yield
         finally:
             await finish_cut_requests(app)  # requests cut past the grace period answer 503 shutting_down
+            await outbox.stop()
             await jobs.stop()  # before the engine closes; running jobs stay `running` and resume next start
             await service.close()
 

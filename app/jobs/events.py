@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Protocol
 
 import anyio
@@ -38,11 +38,21 @@ class JobFeed:
     def __init__(self, poll_s: float = POLL_S) -> None:
         self.poll_s = poll_s
         self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._on_end: list[Callable[[str], None]] = []
 
     def notify(self, job_id: str) -> None:
         """Something changed for `job_id` (safe to call from the event loop's thread only)."""
         for waiter in self._waiters.get(job_id, ()):
             waiter.set()
+
+    def ended(self, job_id: str) -> None:
+        """The job ended here (finished or cancelled): wake its followers and whoever acts on ends (the outbox)."""
+        self.notify(job_id)
+        for callback in self._on_end:
+            callback(job_id)
+
+    def on_end(self, callback: Callable[[str], None]) -> None:
+        self._on_end.append(callback)
 
     def subscribe(self, job_id: str) -> asyncio.Event:
         waiter = asyncio.Event()

@@ -12,9 +12,10 @@ Admission limits were checked when the job was submitted; a refusal here
 makes the job wait and try again, it never fails it. A graceful stop leaves
 running jobs `running` in the store, to be resumed by the next process.
 
-Only the process holding the store's worker lock runs jobs (and delivers
-webhooks); another process on the same JOBS_DB serves the API and takes over
-within POLL_S once the holder is gone.
+Only the process holding the store's worker lock runs jobs; another process on
+the same JOBS_DB serves the API and takes over within POLL_S once the holder is
+gone. Webhooks are not sent from here: every process's `Outbox` delivers them
+from the database (`app/jobs/outbox.py`).
 """
 
 from __future__ import annotations
@@ -31,8 +32,6 @@ import anyio
 from app.errors import OCRError, Retryable, ServiceUnavailable
 from app.jobs.events import JobFeed
 from app.jobs.store import JobRecord, JobStatus, JobStore, SqliteJobStore
-from app.jobs.views import summarize
-from app.jobs.webhooks import WebhookSender
 from app.logs import request_id
 from app.service import OCRService
 from app.settings import Settings
@@ -50,21 +49,18 @@ class JobRunner:
         self,
         service: OCRService,
         store: JobStore,
-        webhooks: WebhookSender,
         *,
         concurrency: int,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.service = service
         self.store = store
-        self.webhooks = webhooks
         self.concurrency = concurrency
         self.clock = clock
         self._wake = asyncio.Event()
         self.feed = JobFeed()  # wakes GET /api/jobs/{id}/events followers on this replica at once
         self._running: dict[str, asyncio.Task[None]] = {}
         self._owners: dict[str, str] = {}
-        self._deliveries: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
         self._worker = False
         self._stopping = False
@@ -75,14 +71,7 @@ class JobRunner:
         store = SqliteJobStore(
             settings.jobs_db, ttl_s=settings.jobs_ttl_hours * 3600, max_bytes=settings.jobs_max_bytes
         )
-        secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
-        webhooks = WebhookSender(
-            secret=secret,
-            max_attempts=settings.webhook_max_attempts,
-            backoff_s=settings.webhook_backoff_s,
-            timeout_s=settings.webhook_timeout_s,
-        )
-        return cls(service, store, webhooks, concurrency=settings.jobs_concurrency)
+        return cls(service, store, concurrency=settings.jobs_concurrency)
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -116,11 +105,10 @@ class JobRunner:
     async def stop(self) -> None:
         """Stop without touching job states: running jobs resume in the next process."""
         self._stopping = True
-        tasks = [*self._background, *self._running.values(), *self._deliveries]
+        tasks = [*self._background, *self._running.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self.webhooks.aclose()
         self.store.close()
 
     async def _claim(self) -> None:
@@ -131,8 +119,6 @@ class JobRunner:
         requeued = await self.store.requeue_running()
         if requeued:
             log.info("resuming %d job(s) left running by the previous process", requeued)
-        for record in await self.store.pending_webhooks():
-            self._deliver_later(record)
 
     def notify(self) -> None:
         """A job was queued: look for work now rather than at the next poll."""
@@ -141,13 +127,11 @@ class JobRunner:
     async def cancel(self, job_id: str) -> JobRecord | None:
         """Mark the job cancelled, then stop its pages: those not started never reach the engine."""
         record, changed = await self.store.cancel(job_id)
-        self.feed.notify(job_id)
+        self.feed.ended(job_id)
         task = self._running.get(job_id)
         if changed and task is not None:
             task.cancel()
             await asyncio.wait({task})
-        if changed and record is not None:
-            self._deliver_later(record)
         return record
 
     # -- scheduling ----------------------------------------------------------------------
@@ -249,22 +233,6 @@ class JobRunner:
 
     async def _finish(self, job_id: str, status: JobStatus, error: dict[str, Any] | None = None) -> None:
         record = await self.store.finish(job_id, status, error)
-        self.feed.notify(job_id)
+        self.feed.ended(job_id)
         if record is not None:
             log.info("job %s %s (%d/%d pages)", job_id, status, record.pages_done, record.pages_total)
-            self._deliver_later(record)
-
-    # -- webhooks ------------------------------------------------------------------------
-
-    def _deliver_later(self, record: JobRecord) -> None:
-        if record.callback_url is None or record.webhook != "pending":
-            return
-        task = asyncio.create_task(self._deliver(record), name=f"webhook-{record.id}")
-        self._deliveries.add(task)
-        task.add_done_callback(self._deliveries.discard)
-
-    async def _deliver(self, record: JobRecord) -> None:
-        assert record.callback_url is not None
-        payload = summarize(record, self.clock()).model_dump(mode="json", exclude={"webhook"})
-        delivery = await self.webhooks.deliver(record.callback_url, payload)
-        await self.store.set_webhook(record.id, "delivered" if delivery.delivered else "failed", delivery.attempts)

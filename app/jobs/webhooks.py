@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from app.errors import InvalidCallbackUrl
+from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,13 @@ class Delivery:
     last_error: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    delivered: bool
+    final: bool
+    error: str | None = None
+
+
 class WebhookSender:
     """One long-lived client; `deliver` never raises for the receiver's failures."""
 
@@ -85,9 +93,20 @@ class WebhookSender:
         self.secret = secret
         self.max_attempts = max_attempts
         self.backoff_s = backoff_s
+        self.timeout_s = timeout_s
         self.clock = clock
         self.sleep = sleep  # with `clock`, lets a test step through the backoff without waiting for it
         self._client = httpx.AsyncClient(timeout=timeout_s, follow_redirects=False)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WebhookSender:
+        secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
+        return cls(
+            secret=secret,
+            max_attempts=settings.webhook_max_attempts,
+            backoff_s=settings.webhook_backoff_s,
+            timeout_s=settings.webhook_timeout_s,
+        )
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -101,26 +120,39 @@ class WebhookSender:
             headers[SIGNATURE_HEADER] = sign(self.secret, body)
         return body, headers
 
+    def backoff(self, attempts: int) -> float:
+        """Seconds to wait after `attempts` failed attempts before the next one (exponential)."""
+        return float(self.backoff_s * 2 ** (attempts - 1))
+
+    async def attempt(self, url: str, payload: Mapping[str, Any], number: int = 1) -> Attempt:
+        """One signed POST; `final` when there is no point in another (delivered, or refused with a 4xx)."""
+        body, headers = self.encode(payload)
+        try:
+            response = await self._client.post(url, content=body, headers=headers)
+        except httpx.HTTPError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        else:
+            if response.is_success:
+                return Attempt(delivered=True, final=True)
+            error = f"HTTP {response.status_code}"
+            if response.status_code < 500:  # 4xx (or a redirect): the receiver said no
+                log.warning("webhook to %s refused with %s; not retried", _host(url), error)
+                return Attempt(delivered=False, final=True, error=error)
+        if number >= self.max_attempts:
+            log.warning("webhook to %s gave up after %d attempts: %s", _host(url), number, error)
+            return Attempt(delivered=False, final=True, error=error)
+        log.info("webhook to %s attempt %d/%d failed: %s", _host(url), number, self.max_attempts, error)
+        return Attempt(delivered=False, final=False, error=error)
+
     async def deliver(self, url: str, payload: Mapping[str, Any]) -> Delivery:
-        error: str | None = None
-        for attempt in range(1, self.max_attempts + 1):
-            if attempt > 1:
-                await self.sleep(self.backoff_s * 2 ** (attempt - 2))
-            body, headers = self.encode(payload)
-            try:
-                response = await self._client.post(url, content=body, headers=headers)
-            except httpx.HTTPError as exc:
-                error = f"{type(exc).__name__}: {exc}"
-            else:
-                if response.is_success:
-                    return Delivery(True, attempt)
-                error = f"HTTP {response.status_code}"
-                if response.status_code < 500:  # 4xx (or a redirect): the receiver said no
-                    log.warning("webhook to %s refused with %s; not retried", _host(url), error)
-                    return Delivery(False, attempt, error)
-            log.info("webhook to %s attempt %d/%d failed: %s", _host(url), attempt, self.max_attempts, error)
-        log.warning("webhook to %s gave up after %d attempts: %s", _host(url), self.max_attempts, error)
-        return Delivery(False, self.max_attempts, error)
+        """Every attempt in a row, here (the outbox spreads them over time and replicas instead)."""
+        for number in range(1, self.max_attempts + 1):
+            if number > 1:
+                await self.sleep(self.backoff(number - 1))
+            attempt = await self.attempt(url, payload, number)
+            if attempt.final:
+                return Delivery(attempt.delivered, number, attempt.error)
+        raise AssertionError("unreachable: the last attempt is final")
 
 
 def _host(url: str) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from app.admission import Ticket
-from app.jobs import JobRunner, NewJob, SqliteJobStore, WebhookSender
+from app.jobs import JobRunner, NewJob, SqliteJobStore
 from app.results import FinishedPage, Generation, PageResult
 from app.service import OCRService
 from tests.conftest import make_settings
@@ -86,8 +86,7 @@ async def resumed_job(
     service = OCRService(make_settings(model_source="vllm", **overrides), engine=engine)
     await service.start(wait=True)
     before(service)
-    webhooks = WebhookSender(secret=None, max_attempts=1, backoff_s=0, timeout_s=1)
-    runner = JobRunner(service, store, webhooks, concurrency=1)
+    runner = JobRunner(service, store, concurrency=1)
     await runner.start()
     try:
         yield service, engine
