@@ -36,6 +36,32 @@ log = logging.getLogger(__name__)
 _CONVERSATION: list[dict[str, Any]] = [{"role": "user", "content": [{"type": "image"}]}]
 
 
+def encode_images_one_by_one(inner: Any) -> None:
+    """Run the vision encoder once per page instead of once per batch.
+
+    transformers' Pixtral encoder concatenates a batch's images into one sequence with a dense
+    block-diagonal mask: memory and attention work grow with the square of the batch (measured on
+    an H200, US-Letter pages: 14.9 GiB at 8 pages, 48.6 GiB at 16, out of memory at 32; see
+    docs/benchmarks.md). Pages never attend to each other, so encoding them one by one gives the
+    same features at a cost linear in the batch.
+    """
+    batched = inner.get_image_features
+
+    def per_image(pixel_values: Any, image_sizes: Any, **kwargs: Any) -> Any:
+        if len(image_sizes) <= 1:
+            return batched(pixel_values=pixel_values, image_sizes=image_sizes, **kwargs)
+        outputs = [
+            batched(pixel_values=pixel_values[i : i + 1], image_sizes=image_sizes[i : i + 1], **kwargs)
+            for i in range(len(image_sizes))
+        ]
+        merged = outputs[0]
+        merged.pooler_output = tuple(feature for output in outputs for feature in output.pooler_output)
+        merged.last_hidden_state = None  # per-page states have different lengths; generate reads pooler_output
+        return merged
+
+    inner.get_image_features = per_image
+
+
 def resolve_device(requested: Device) -> torch.device:
     """Requested device if present, else CPU with one warning."""
     import torch
@@ -150,6 +176,7 @@ class HuggingFaceEngine(EngineBase):
             ) from exc
         model.to(device)  # type: ignore[arg-type]
         model.eval()  # type: ignore[no-untyped-call]
+        encode_images_one_by_one(model.model)
         processor.tokenizer.padding_side = "left"  # batched decoding needs prompts aligned on the right
         tokenizer = processor.tokenizer
         stop_ids = set(_as_list(model.generation_config.eos_token_id))

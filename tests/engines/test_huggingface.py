@@ -257,6 +257,48 @@ async def test_greedy_results_do_not_depend_on_batching(
     assert between_pages > 0.05
 
 
+async def test_the_vision_encoder_sees_one_page_at_a_time(
+    engine: HuggingFaceEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch's pages are encoded one by one: Pixtral's dense block mask is quadratic in the batch.
+
+    The features match the batched encoder's (the block mask keeps pages apart), so the
+    model reads the same thing at a cost linear in the batch size.
+    """
+    model = engine._model
+    assert model is not None
+    encoder = model.model.vision_encoder
+    seen: list[int] = []
+    original_forward = encoder.forward
+
+    def forward(pixel_values: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        seen.append(len(kwargs["image_sizes"]))
+        return original_forward(pixel_values, *args, **kwargs)
+
+    monkeypatch.setattr(encoder, "forward", forward)
+    images = [page(i) for i in range(1, 5)]
+    engine.batch_sizes.clear()
+    await asyncio.gather(*(engine.recognize(image, GREEDY) for image in images))
+    assert list(engine.batch_sizes) == [4]
+    assert seen == [1, 1, 1, 1]
+
+    # Same features as one batched call of the unwrapped encoder.
+    processor = engine._processor
+    assert processor is not None
+    prompt = processor.apply_chat_template(
+        [[{"role": "user", "content": [{"type": "image"}]}]] * 4, add_generation_prompt=True
+    )
+    inputs = processor(text=prompt, images=[[image] for image in images], return_tensors="pt", padding=True)
+    pixels, sizes = inputs["pixel_values"].to(model.dtype), inputs["image_sizes"]
+    with torch.inference_mode():
+        one_by_one = model.model.get_image_features(pixel_values=pixels, image_sizes=sizes).pooler_output
+        together = type(model.model).get_image_features(model.model, pixel_values=pixels, image_sizes=sizes)
+    assert len(one_by_one) == len(together.pooler_output) == 4
+    for alone, batched in zip(one_by_one, together.pooler_output, strict=True):
+        assert alone.shape == batched.shape
+        assert (alone.float() - batched.float()).abs().max().item() < 0.02
+
+
 async def test_a_failed_batch_fails_only_its_callers(
     engine: HuggingFaceEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
