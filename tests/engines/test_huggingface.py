@@ -285,9 +285,8 @@ async def test_the_vision_encoder_sees_one_page_at_a_time(
     # Same features as one batched call of the unwrapped encoder.
     processor = engine._processor
     assert processor is not None
-    prompt = processor.apply_chat_template(
-        [[{"role": "user", "content": [{"type": "image"}]}]] * 4, add_generation_prompt=True
-    )
+    conversation: Any = [[{"role": "user", "content": [{"type": "image"}]}]] * 4
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
     inputs = processor(text=prompt, images=[[image] for image in images], return_tensors="pt", padding=True)
     pixels, sizes = inputs["pixel_values"].to(model.dtype), inputs["image_sizes"]
     with torch.inference_mode():
