@@ -8,6 +8,7 @@ work that follows (colour conversion, resizing, PNG encoding) runs outside it.
 from __future__ import annotations
 
 import io
+import logging
 import math
 import re
 import threading
@@ -32,6 +33,8 @@ from app.intake.sniff import DocType, sniff
 # LightOnOCR-1/2's size; the model's profile (app/profiles.py) may ask for another (2048).
 LONGEST_EDGE = 1540
 PDF_MAX_DPI = 200
+
+log = logging.getLogger(__name__)
 
 PDFIUM_LOCK = threading.Lock()
 
@@ -157,6 +160,21 @@ def _load_pdf(data: bytes, password: str | None) -> pdfium.PdfDocument:
         raise
 
 
+def _init_forms(pdf: pdfium.PdfDocument) -> None:
+    """Draw filled AcroForm fields as every viewer does (REFERENCE.md, "Filled PDF forms").
+
+    Without PDFium's form environment a field whose value has no appearance stream (common in forms
+    filled by software, with NeedAppearances) renders blank; with it, PDFium draws the value
+    (FPDF_FFLDraw, `render(may_draw_forms=True)`). It must be set up before any page is loaded. Pages
+    without form fields render the same either way (tests/intake/test_forms.py). A document whose form
+    cannot be set up is still rendered, without its field values. Callers hold PDFIUM_LOCK.
+    """
+    try:
+        pdf.init_forms()
+    except pdfium.PdfiumError as exc:  # pragma: no cover - PDFium only fails here on allocation failure
+        log.warning("PDF form fields will not be drawn: %s", exc)
+
+
 class PdfDocument:
     doc_type = DocType.PDF
 
@@ -175,6 +193,7 @@ class PdfDocument:
                     raise EmptyDocument("the PDF has no pages") from None
                 raise CorruptDocument(f"the PDF cannot be read: {exc}") from None
             self.page_count = len(self._pdf)
+            _init_forms(self._pdf)
         if self.page_count == 0:
             self.close()
             raise EmptyDocument("the PDF has no pages")
@@ -189,7 +208,11 @@ class PdfDocument:
                     if not (width > 0 and height > 0):
                         raise CorruptDocument(f"page {index + 1} has no area", page=index + 1)
                     # rev_byteorder: PDFium writes RGB itself, saving a BGR -> RGB pass (bench/intake.py).
-                    bitmap = page.render(scale=pdf_scale(width, height, self._limits.longest_edge), rev_byteorder=True)
+                    bitmap = page.render(
+                        scale=pdf_scale(width, height, self._limits.longest_edge),
+                        rev_byteorder=True,
+                        may_draw_forms=True,  # filled form fields (`_init_forms`)
+                    )
                     raw: Image.Image = bitmap.to_pil()
                     # to_pil() shares the bitmap's buffer only for L/RGBX/RGBA (Pillow's mappable
                     # modes): those are converted, i.e. copied, before the bitmap is freed. An RGB
