@@ -110,6 +110,23 @@ class UnknownField(BadRequest):
     code = "unknown_field"
 
 
+class InvalidOption(BadRequest):
+    """A form field has a value the route does not take, e.g. `mode=layout` (details: `field`, `accepted`)."""
+
+    status = 422
+    code = "invalid_option"
+
+
+class ModeNotSupported(BadRequest):
+    """`mode=grounding` asked of a model without grounding: only generation-3 models have it.
+
+    details: `model`, `profile`.
+    """
+
+    status = 422
+    code = "mode_not_supported"
+
+
 class InvalidCallbackUrl(BadRequest):
     """The callback URL is not acceptable."""
 
@@ -265,6 +282,16 @@ class PageNotFound(OCRError):
 
     status = 404
     code = "page_not_found"
+
+
+class PictureNotFound(OCRError):
+    """The page has no picture with that number and a box (`GET /api/jobs/{id}/pages/{n}/images/{k}`).
+
+    `details.pictures` lists the page's pictures that have one.
+    """
+
+    status = 404
+    code = "picture_not_found"
 
 
 class JobConflict(OCRError):

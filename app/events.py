@@ -2,7 +2,8 @@
 
 In this order:
 - `start` {total, pages}: the pages that will be read (1-based);
-- per finished page, in completion order (not page order): `page` {page: PageResult}, then `progress` {done, total};
+- per finished page, in completion order (not page order): `page` {page: PageResult, blocks}, then `progress`
+  {done, total};
 - last, `result` {result: DocumentResult} or `error` {error: {code, message, details?}} (the JSON API's shape).
 
 `ping` events carry nothing: streams send one when nothing else was sent for a while, so proxies keep the
@@ -16,7 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, SerializerFunctionWrapHandler, TypeAdapter, model_serializer
 
 from app.errors import OCRError
-from app.results import DocumentResult, PageResult
+from app.results import Block, DocumentResult, PageResult
 
 
 class ErrorInfo(BaseModel):
@@ -47,6 +48,7 @@ class StartEvent(BaseModel):
 class PageEvent(BaseModel):
     event: Literal["page"] = "page"
     page: PageResult
+    blocks: list[Block] = Field(default_factory=list, description="The page's blocks, as in the result's `blocks`.")
 
 
 class ProgressEvent(BaseModel):

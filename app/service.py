@@ -18,14 +18,15 @@ from dataclasses import dataclass
 from functools import partial
 
 import anyio
+from PIL import Image
 
 from app.admission import Admission, FairScheduler, Ticket
-from app.blocks import parse_blocks
 from app.engines import Engine, Sampling, build_engine
 from app.engines.base import startup_status
 from app.errors import (
     DocumentFailed,
     EngineUnavailable,
+    ModeNotSupported,
     OCRError,
     RequestTimeout,
     ServiceUnavailable,
@@ -33,17 +34,19 @@ from app.errors import (
     rebuild_error,
 )
 from app.events import ErrorEvent, ErrorInfo, Event, PageEvent, ProgressEvent, ResultEvent, StartEvent
+from app.grounding import ParsedPage, inline_pictures, read_grounding, read_plain
 from app.intake import Document, IntakeLimits, open_document, parse_page_selection
 from app.metrics import Metrics
 from app.postprocess import repair_escaped_dollars
-from app.profiles import ActiveProfile, active_profile
+from app.profiles import GROUNDING_PROMPT, ActiveProfile, active_profile
 from app.quality import is_repetitive
-from app.results import DocumentResult, FinishedPage, Generation, PageError, PageResult, PageStatus
+from app.results import DocumentResult, FinishedPage, Generation, PageError, PageResult, PageStatus, ReadOptions
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
 PAGE_SEPARATOR = "\n\n"
+PLAIN = ReadOptions()  # the default: markdown, as the model writes it
 ANONYMOUS = "anonymous"
 
 
@@ -54,6 +57,7 @@ class AdmittedDocument:
     document: Document
     indices: list[int]  # 0-based page indices, in document order
     ticket: Ticket
+    options: ReadOptions = PLAIN
 
     @property
     def total(self) -> int:
@@ -149,6 +153,18 @@ class OCRService:
 
     # -- admission -----------------------------------------------------------------------
 
+    def check_options(self, options: ReadOptions) -> None:
+        """Refuse what this model cannot do: grounding needs a generation-3 model (its profile says)."""
+        profile = self.profile
+        if options.mode == "grounding" and not profile.supports_grounding:
+            model = self._profile[0] if self._profile is not None else self.settings.model_name
+            raise ModeNotSupported(
+                f"mode=grounding needs a generation-3 model (LightOnOCR-3); {model} (profile {profile.row.name}, "
+                f"generation {profile.row.generation}) has no grounding mode. Use mode=plain.",
+                model=model,
+                profile=profile.row.name,
+            )
+
     def select_pages(self, document: Document, selection: str | None) -> list[int]:
         """0-based indices of the pages `selection` names (the `pages` field as sent, e.g. '1-3,7'; None: all)."""
         indices = parse_page_selection(selection, document.page_count)
@@ -171,6 +187,7 @@ class OCRService:
         client: str = ANONYMOUS,
         charge_rate: bool = True,
         done: frozenset[int] = frozenset(),
+        options: ReadOptions = PLAIN,
     ) -> AsyncIterator[AdmittedDocument]:
         """Open, select and reserve capacity, or refuse at once; always releases both.
 
@@ -178,12 +195,13 @@ class OCRService:
         `done` (1-based page numbers, a resumed job's stored pages) are not reserved: only the
         pages still to run count against the limits.
         """
+        self.check_options(options)
         self.check_started()
         async with self.opened(data, pages=pages, password=password) as (document, indices):
             todo = sum(1 for index in indices if index + 1 not in done)
             ticket = self.admission.admit(client, todo, charge_rate=charge_rate)
             try:
-                yield AdmittedDocument(document=document, indices=indices, ticket=ticket)
+                yield AdmittedDocument(document=document, indices=indices, ticket=ticket, options=options)
             finally:
                 ticket.close()
 
@@ -203,12 +221,19 @@ class OCRService:
             await anyio.to_thread.run_sync(document.close)
 
     async def check_admission(
-        self, data: bytes, *, pages: str | None = None, password: str | None = None, client: str = ANONYMOUS
+        self,
+        data: bytes,
+        *,
+        pages: str | None = None,
+        password: str | None = None,
+        client: str = ANONYMOUS,
+        options: ReadOptions = PLAIN,
     ) -> list[int]:
         """Admit-only, for a job's submit: refuse now what would be refused, charge the rate, reserve nothing.
 
         Answers the selected page numbers (1-based). The engine need not be ready: the job waits for it.
         """
+        self.check_options(options)
         async with self.opened(data, pages=pages, password=password) as (_, indices):
             pass
         self.admission.admit(client, len(indices)).close()
@@ -217,10 +242,16 @@ class OCRService:
     # -- recognition: one call per intent -----------------------------------------------
 
     async def recognize(
-        self, data: bytes, *, pages: str | None = None, password: str | None = None, client: str = ANONYMOUS
+        self,
+        data: bytes,
+        *,
+        pages: str | None = None,
+        password: str | None = None,
+        client: str = ANONYMOUS,
+        options: ReadOptions = PLAIN,
     ) -> DocumentResult:
         """Admit and run a document to its result (the JSON API)."""
-        async with self.admit(data, pages=pages, password=password, client=client) as admitted:
+        async with self.admit(data, pages=pages, password=password, client=client, options=options) as admitted:
             return await self.run(admitted)
 
     async def run(
@@ -250,7 +281,7 @@ class OCRService:
             async with contextlib.aclosing(self._pages(admitted, request_timeout)) as pages:
                 async for page in pages:
                     done.append(page)
-                    yield PageEvent(page=page.result)
+                    yield PageEvent(page=page.result, blocks=page.blocks)
                     yield ProgressEvent(done=len(done), total=admitted.total)
             result = await anyio.to_thread.run_sync(self.assemble, done)
         except OCRError as exc:
@@ -312,7 +343,7 @@ class OCRService:
         async def one(index: int) -> None:
             try:
                 async with self.scheduler.slot(admitted.ticket.client):
-                    page = await self.recognize_page(admitted.document, index)
+                    page = await self.recognize_page(admitted.document, index, admitted.options)
             except BaseException as exc:  # handed to the consumer, which decides
                 results.put_nowait(exc)
                 raise
@@ -332,7 +363,7 @@ class OCRService:
                 task.cancel()
             await _settle(tasks)
 
-    async def recognize_page(self, document: Document, index: int) -> FinishedPage:
+    async def recognize_page(self, document: Document, index: int, options: ReadOptions = PLAIN) -> FinishedPage:
         """Render, then generate with the temperature ladder until a clean attempt."""
         started = time.perf_counter()
         number = index + 1
@@ -346,7 +377,8 @@ class OCRService:
         best: tuple[int, Generation] | None = None
         attempts = 0
         for temperature in temperatures:
-            sampling = Sampling(temperature, profile.top_p, self.settings.max_new_tokens)
+            prompt = GROUNDING_PROMPT if options.mode == "grounding" else None
+            sampling = Sampling(temperature, profile.top_p, self.settings.max_new_tokens, prompt=prompt)
             attempts += 1
             try:
                 generation = await self.engine.recognize(image, sampling)
@@ -369,9 +401,12 @@ class OCRService:
         assert best is not None
         rank, kept = best
         status: PageStatus = ("ok" if attempts == 1 else "retried") if rank == 0 else _RANK_STATUS[rank]
+        # Blocks are parsed (and pictures cropped) once, now, off the event loop; they travel (and are stored)
+        # with the page.
+        parsed = await anyio.to_thread.run_sync(_read_page, kept.text, number, image, options)
         result = PageResult(
             page=number,
-            text=kept.text,
+            text=parsed.text,
             width=width,
             height=height,
             finish_reason=kept.finish_reason,
@@ -379,10 +414,9 @@ class OCRService:
             seconds=round(time.perf_counter() - started, 4),
             status=status,
             attempts=attempts,
+            warnings=parsed.warnings,
         )
-        # Blocks are parsed once, now, off the event loop; they travel (and are stored) with the page.
-        blocks = await anyio.to_thread.run_sync(parse_blocks, result.text, number)
-        return FinishedPage(result, blocks)
+        return FinishedPage(result, parsed.blocks)
 
     def assemble(self, finished: list[FinishedPage]) -> DocumentResult:
         """Order pages, apply MAX_FAILED_PAGE_RATIO, and build the document's text and blocks.
@@ -418,6 +452,18 @@ class OCRService:
             failed_pages=[page.page for page in failed],
             errors=sorted({error.code for error in errors}),
         )
+
+
+def _read_page(text: str, number: int, image: Image.Image, options: ReadOptions) -> ParsedPage:
+    """The kept output as the page's markdown and blocks (grounding markers or -bbox picture boxes read)."""
+    width, height = image.size
+    if options.mode == "grounding":
+        parsed = read_grounding(text, number, width, height, drop_headers_footers=options.drop_headers_footers)
+    else:
+        parsed = read_plain(text, number, width, height)
+    if options.images == "inline":
+        parsed.blocks = inline_pictures(parsed.blocks, image)
+    return parsed
 
 
 async def _settle(tasks: list[asyncio.Task[None]]) -> None:

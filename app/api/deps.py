@@ -12,7 +12,8 @@ from fastapi import Depends, Request
 from starlette.types import Receive
 
 from app.api.upload import Upload, read_upload
-from app.errors import ClientDisconnected
+from app.errors import ClientDisconnected, InvalidOption
+from app.results import ReadOptions
 from app.service import OCRService
 
 
@@ -32,6 +33,35 @@ async def read_document(request: Request, service: OCRService) -> Upload:
         max_field_bytes=settings.max_field_size_kb * 1024,
         timeout_s=settings.upload_timeout_s,
         idle_timeout_s=settings.upload_idle_timeout_s,
+    )
+
+
+_CHOICES = {"mode": ("plain", "grounding"), "images": ("none", "inline")}
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "")
+
+
+def read_options(upload: Upload) -> ReadOptions:
+    """The reading options among the form fields (`mode`, `drop_headers_footers`, `images`); defaults when absent."""
+    fields = upload.fields
+    for name, accepted in _CHOICES.items():
+        value = fields.get(name)
+        if value is not None and value not in accepted:
+            raise InvalidOption(
+                f"`{name}` must be one of {', '.join(accepted)}; got {value[:40]!r}",
+                field=name,
+                accepted=list(accepted),
+            )
+    drop = fields.get("drop_headers_footers", "").strip().lower()
+    if drop not in _TRUE + _FALSE:
+        raise InvalidOption(
+            f"`drop_headers_footers` must be true or false; got {drop[:40]!r}",
+            field="drop_headers_footers",
+            accepted=["true", "false"],
+        )
+    return ReadOptions(
+        mode="grounding" if fields.get("mode") == "grounding" else "plain",
+        drop_headers_footers=drop in _TRUE,
+        images="inline" if fields.get("images") == "inline" else "none",
     )
 
 

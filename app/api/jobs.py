@@ -17,7 +17,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field
 
-from app.api.deps import Service, read_document
+from app.api.deps import Service, read_document, read_options
 from app.api.openapi import error_responses, upload_schema
 from app.api.routes import EventStream, stream_format
 from app.api.security import client_id
@@ -29,7 +29,9 @@ from app.errors import (
     JobNotFound,
     OCRError,
     PageNotFound,
+    PictureNotFound,
 )
+from app.grounding import picture_png
 from app.imaging import page_png
 from app.jobs import JobDetail, JobRecord, JobRunner, JobSummary, NewJob, summarize, validate_callback_url
 from app.jobs.events import event_id, job_events
@@ -99,7 +101,8 @@ async def submit(request: Request, service: Service, runner: Runner) -> JSONResp
     password = upload.fields.get("password") or None
     client = client_id(request)
     # Admission limits apply here, where the caller can be told; the runner waits instead.
-    numbers = await service.check_admission(upload.data, pages=pages, password=password, client=client)
+    options = read_options(upload)
+    numbers = await service.check_admission(upload.data, pages=pages, password=password, client=client, options=options)
     new = NewJob(
         owner=client,
         pages=numbers,
@@ -107,6 +110,7 @@ async def submit(request: Request, service: Service, runner: Runner) -> JSONResp
         password=password,
         callback_url=callback_url,
         filename=upload.filename,
+        options=options.to_dict(),
     )
     record = await runner.store.create(new, upload.data)
     runner.notify()
@@ -264,6 +268,38 @@ async def get_page_image(request: Request, service: Service, runner: Runner, job
         raise JobNotFound(f"no job {job_id!r} (unknown, expired, or not yours)", job_id=job_id)
     async with service.opened(data, pages=str(page), password=record.password) as (document, _):
         png, _ = await anyio.to_thread.run_sync(page_png, document, page - 1)
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+
+@router.get(
+    "/{job_id}/pages/{page}/images/{picture}",
+    summary="Picture `picture` of page `page`, cropped from the page image (PNG)",
+    description="A finished page's picture with a box (a grounding `image` block, or a `-bbox` checkpoint's "
+    "picture): `picture` is the block's `picture` number, as in its markdown reference `page_N_image_K.png`. "
+    "Cropped from the page image the model saw (as GET /api/jobs/{id}/pages/{n}/image), with a 5 px margin.",
+    responses={**error_responses(401, 404), 200: {"content": {"image/png": {}}}},
+)
+async def get_picture(
+    request: Request, service: Service, runner: Runner, job_id: str, page: int, picture: int
+) -> Response:
+    record = await _job(request, runner, job_id)
+    if page not in record.pages:
+        raise PageNotFound(f"page {page} is not one of job {job_id}'s pages", page=page, pages=record.pages)
+    finished = {done.page: done for done in await runner.store.pages(record.id)}
+    blocks = finished[page].blocks if page in finished else []
+    boxed = {block.picture: block.bbox for block in blocks if block.picture is not None and block.bbox is not None}
+    bbox = boxed.get(picture)
+    if bbox is None:
+        state = "" if page in finished else " (the page is not finished yet)"
+        raise PictureNotFound(
+            f"page {page} of job {job_id} has no picture {picture} with a box{state}", pictures=sorted(boxed)
+        )
+    data = await runner.store.document(record.id)
+    if data is None:
+        raise JobNotFound(f"no job {job_id!r} (unknown, expired, or not yours)", job_id=job_id)
+    async with service.opened(data, pages=str(page), password=record.password) as (document, _):
+        image = await anyio.to_thread.run_sync(document.render, page - 1)
+    png = await anyio.to_thread.run_sync(picture_png, image, bbox)
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
 

@@ -102,6 +102,27 @@ def upload_schema(**fields: dict[str, Any]) -> dict[str, Any]:
             "examples": ["1-3,7"],
         },
         "password": {"type": "string", "description": "Password of an encrypted PDF."},
+        "mode": {
+            "type": "string",
+            "enum": ["plain", "grounding"],
+            "default": "plain",
+            "description": "`plain`: markdown. `grounding` (generation-3 models; others answer 422 "
+            "`mode_not_supported`): every block also gets the model's layout `label` and its box (`bbox` in pixels of "
+            "the page image, `bbox_norm` 0-1000).",
+        },
+        "drop_headers_footers": {
+            "type": "boolean",
+            "default": False,
+            "description": "Grounding mode: leave `header`, `footer`, `page_number` and `footnote` blocks out of the "
+            "markdown `text` (they stay in `blocks`).",
+        },
+        "images": {
+            "type": "string",
+            "enum": ["none", "inline"],
+            "default": "none",
+            "description": "`inline`: each picture with a box (a grounding `image` block, a `-bbox` checkpoint's "
+            "picture) carries its crop from the page image as a PNG data URL in `blocks[].image`.",
+        },
         **fields,
     }
     # Other fields are refused (422 unknown_field): `read_upload` accepts exactly these properties.

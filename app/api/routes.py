@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 from starlette.types import Receive, Scope, Send
 
 from app import __version__
-from app.api.deps import Service, read_document, until_disconnect
+from app.api.deps import Service, read_document, read_options, until_disconnect
 from app.api.errors import WatchedSend, shutting_down
 from app.api.openapi import error_responses, upload_schema
 from app.api.security import client_id
@@ -42,7 +42,7 @@ _STREAM_FORMATS: dict[str, Callable[[Event], bytes]] = {
 _STREAM_DOC = (
     "Send `Accept: application/x-ndjson` (one JSON object per line) or `Accept: text/event-stream` (SSE) to get "
     "events as pages finish instead of one JSON body: `start` {total, pages}, then per finished page (completion "
-    "order) `page` {page} and `progress` {done, total}, and last `result` {result: DocumentResult} or `error` "
+    "order) `page` {page, blocks} and `progress` {done, total}, and last `result` {result: DocumentResult} or `error` "
     "{error: {code, message}}; a `ping` (SSE: a `: ping` comment) after 15 s without another event keeps proxies "
     "from closing a quiet stream. Limits are checked before the stream starts, so a refused document still gets its "
     "4xx status."
@@ -69,10 +69,12 @@ async def inference(request: Request, service: Service) -> Response:
     pages = upload.fields.get("pages")
     password = upload.fields.get("password") or None
     client = client_id(request)
+    options = read_options(upload)
     chosen = stream_format(request.headers.get("accept", ""))
     if chosen is None:
         result = await until_disconnect(
-            request.receive, service.recognize(upload.data, pages=pages, password=password, client=client)
+            request.receive,
+            service.recognize(upload.data, pages=pages, password=password, client=client, options=options),
         )
         # Encoded off the event loop: a long document's result is megabytes of JSON.
         return Response(await anyio.to_thread.run_sync(result.model_dump_json), media_type="application/json")
@@ -81,7 +83,7 @@ async def inference(request: Request, service: Service) -> Response:
     async with contextlib.AsyncExitStack() as on_error:
         on_error.push_async_callback(resources.aclose)
         admitted = await resources.enter_async_context(
-            service.admit(upload.data, pages=pages, password=password, client=client)
+            service.admit(upload.data, pages=pages, password=password, client=client, options=options)
         )
         on_error.pop_all()
     events = with_heartbeat(service.events(admitted))

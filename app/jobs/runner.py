@@ -33,6 +33,7 @@ from app.errors import OCRError, Retryable, ServiceUnavailable
 from app.jobs.events import JobFeed
 from app.jobs.store import JobRecord, JobStatus, JobStore, SqliteJobStore
 from app.logs import request_id
+from app.results import ReadOptions
 from app.service import OCRService
 from app.settings import Settings
 
@@ -217,7 +218,13 @@ class JobRunner:
         # The job's pages were charged to the client's rate at submit time; its log lines carry the job id.
         request_id.set(f"job:{record.id}")
         async with service.admit(
-            data, pages=record.pages_spec, password=record.password, client=record.owner, charge_rate=False, done=done
+            data,
+            pages=record.pages_spec,
+            password=record.password,
+            client=record.owner,
+            charge_rate=False,
+            done=done,
+            options=ReadOptions.from_dict(record.options),
         ) as admitted:
             if not await self.store.mark_running(record.id):
                 return False

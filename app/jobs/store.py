@@ -51,6 +51,7 @@ class NewJob:
     password: str | None
     callback_url: str | None
     filename: str | None
+    options: dict[str, Any] | None = None  # how to read the pages (`ReadOptions.to_dict`); None: the defaults
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +76,7 @@ class JobRecord:
     webhook_attempts: int
     stored_bytes: int
     waiting: dict[str, Any] | None = None  # {code, message, since}: why the job is not moving, since when
+    options: dict[str, Any] | None = None  # how to read the pages (`ReadOptions.to_dict`); None: the defaults
 
     @property
     def pages_total(self) -> int:
@@ -188,7 +190,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     expires_at REAL,
     webhook TEXT,
     webhook_attempts INTEGER NOT NULL DEFAULT 0,
-    waiting TEXT
+    waiting TEXT,
+    options TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, created_at);
 CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, created_at);
@@ -247,6 +250,8 @@ class SqliteJobStore:
             columns = {row["name"] for row in db.execute("PRAGMA table_info(jobs)")}
             if "waiting" not in columns:  # a file from before `waiting` existed
                 db.execute("ALTER TABLE jobs ADD COLUMN waiting TEXT")
+            if "options" not in columns:  # a file from before reading options (mode=grounding) existed
+                db.execute("ALTER TABLE jobs ADD COLUMN options TEXT")
             self._db = db
         return self._db
 
@@ -320,6 +325,7 @@ class SqliteJobStore:
             webhook_attempts=row["webhook_attempts"],
             stored_bytes=row["doc_bytes"] + row["result_bytes"],
             waiting=json.loads(row["waiting"]) if row["waiting"] else None,
+            options=json.loads(row["options"]) if row["options"] else None,
         )
 
     def _get(self, db: sqlite3.Connection, job_id: str) -> JobRecord | None:
@@ -408,9 +414,10 @@ class SqliteJobStore:
             job_id, now = uuid.uuid4().hex, self.clock()
             db.execute(
                 "INSERT INTO jobs (id, owner, status, pages, pages_spec, password, callback_url, filename, "
-                "doc_bytes, created_at, updated_at, webhook) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                "doc_bytes, created_at, updated_at, webhook, options) "
+                "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
                 (job_id, job.owner, json.dumps(job.pages), job.pages_spec, job.password, job.callback_url,
-                 job.filename, len(document), now, now),
+                 job.filename, len(document), now, now, json.dumps(job.options) if job.options else None),
             )  # fmt: skip
             db.execute("INSERT INTO documents (job_id, data) VALUES (?, ?)", (job_id, document))
             record = self._get(db, job_id)
