@@ -42,7 +42,7 @@ from app import __version__
 from app.errors import OCRError
 from app.events import ErrorEvent, ProgressEvent, ResultEvent, StartEvent, parse_event
 from app.profiles import active_profile
-from app.results import DocumentResult
+from app.results import DocumentResult, ReadOptions
 from app.settings import Settings, SettingsError, get_settings
 from app.text import markdown_to_text
 
@@ -109,6 +109,16 @@ class OutputFormat(StrEnum):
     MD = "md"
     JSON = "json"
     TXT = "txt"
+
+
+class ModeChoice(StrEnum):
+    PLAIN = "plain"
+    GROUNDING = "grounding"
+
+
+class ImagesChoice(StrEnum):
+    NONE = "none"
+    INLINE = "inline"
 
 
 class Failure(Exception):
@@ -300,7 +310,13 @@ def _in_process(settings: Settings) -> Settings:
 
 
 async def _run_local(
-    settings: Settings, items: list[Item], pages: str | None, password: str | None, fmt: OutputFormat, jobs: int
+    settings: Settings,
+    items: list[Item],
+    pages: str | None,
+    password: str | None,
+    fmt: OutputFormat,
+    jobs: int,
+    options: ReadOptions,
 ) -> None:
     from app.allocator import tune_allocator
     from app.service import OCRService  # imported here: `info --server` and `--help` stay light
@@ -322,7 +338,7 @@ async def _run_local(
             """One file through the shared service: pages of every file in flight share the engine."""
             data = await asyncio.to_thread(item.source.read_bytes)
             try:
-                async with service.admit(data, pages=pages, password=password) as admitted:
+                async with service.admit(data, pages=pages, password=password, options=options) as admitted:
                     progress.update(task, total=admitted.total)
                     # No REQUEST_TIMEOUT_S here: a terminal run may take as long as its document needs.
                     return await service.run(admitted, on_page=lambda _: progress.advance(task), request_timeout=False)
@@ -402,9 +418,13 @@ async def _run_remote(
     password: str | None,
     fmt: OutputFormat,
     jobs: int,
+    options: ReadOptions,
 ) -> None:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     form = {key: value for key, value in (("pages", pages), ("password", password)) if value}
+    if options != ReadOptions():  # only what differs from the defaults: an older server still takes the rest
+        form.update(mode=options.mode, images=options.images)
+        form["drop_headers_footers"] = "true" if options.drop_headers_footers else "false"
     # No read timeout: the server bounds each request with REQUEST_TIMEOUT_S and streams as pages finish.
     timeout = httpx.Timeout(30.0, read=None)
     limits = httpx.Limits(max_connections=jobs)
@@ -527,6 +547,21 @@ def ocr(
         Path | None,
         typer.Option(metavar="FILE", help="Read the password of encrypted PDFs from the first line of FILE."),
     ] = None,
+    mode: Annotated[
+        ModeChoice,
+        typer.Option(help="plain: markdown. grounding (LightOnOCR-3 models): blocks with labels and boxes (json)."),
+    ] = ModeChoice.PLAIN,
+    drop_headers_footers: Annotated[
+        bool,
+        typer.Option(
+            "--drop-headers-footers",
+            help="Grounding: leave headers, footers, page numbers and footnotes out of the markdown.",
+        ),
+    ] = False,
+    images: Annotated[
+        ImagesChoice,
+        typer.Option(help="inline: each picture with a box carries its crop as a data URL (json)."),
+    ] = ImagesChoice.NONE,
     server: ServerOption = None,
     api_key: ApiKeyOption = None,
 ) -> None:
@@ -535,6 +570,7 @@ def ocr(
     Each output is written as soon as its file is done; Ctrl-C keeps those and lists the rest.
     """
     password = _password(password, password_file)
+    options = ReadOptions(mode=mode.value, drop_headers_footers=drop_headers_footers, images=images.value)
     url = _server_url(server) if server else None
     items = _plan(_expand(files), output_dir, fmt)
     if not items:
@@ -547,13 +583,13 @@ def ocr(
         raise typer.Exit(2) from None
     try:
         if url is not None:
-            asyncio.run(_run_remote(url, api_key, items, pages, password, fmt, jobs))
+            asyncio.run(_run_remote(url, api_key, items, pages, password, fmt, jobs, options))
         else:
             settings = _settings()
             from app.logs import setup_logging
 
             setup_logging(settings.log_format.value, _log_level(settings))
-            asyncio.run(_run_local(settings, items, pages, password, fmt, jobs))
+            asyncio.run(_run_local(settings, items, pages, password, fmt, jobs, options))
     except KeyboardInterrupt:
         raise typer.Exit(_interrupted(items)) from None
     raise typer.Exit(_summary(items))

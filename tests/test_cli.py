@@ -23,10 +23,11 @@ from typer.testing import CliRunner, Result
 
 from app import __version__
 from app.cli import cli
+from app.main import create_app
 from app.results import DocumentResult, PageResult
 from app.settings import get_settings
 from app.text import markdown_to_text
-from tests.conftest import ServiceFactory
+from tests.conftest import ServiceFactory, make_settings
 from tests.support.documents import make_pdf, make_png, page_id_of
 from tests.support.http import free_port
 from tests.support.openai_stub import Reply, StubRequest, StubVLLM, default_responder
@@ -441,3 +442,34 @@ def test_serve_runs_the_service_with_json_logs(stub: StubVLLM, workdir: Path) ->
     access = [line for line in lines if line["logger"] == "app.access"]
     assert [(line["route"], line["status"]) for line in access] == [("/api/inference", 200)]
     assert access[0]["request_id"] == response.headers["X-Request-ID"]
+
+
+# -- grounding -----------------------------------------------------------------------------
+
+
+def test_server_grounding_with_headers_and_footers_dropped(inputs: dict[str, Path], workdir: Path) -> None:
+    page = "![header](10,10,990,40) Running head\n![title](10,60,990,120) # Title\n![text](10,130,990,400) Body."
+    with StubVLLM(lambda request: Reply(text=page if request.prompt else "plain"), model="LightOnOCR-3-1B") as stub:
+        settings = {"model_source": "vllm", "vllm_base_url": stub.base_url, "model_name": "LightOnOCR-3-1B"}
+        with ServedApp(create_app(make_settings(**settings))) as served:
+            args = ("ocr", str(inputs["b"]), "--server", served.url, "--mode", "grounding")
+            result = invoke(*args, "--drop-headers-footers", "-f", "json")
+            assert result.exit_code == 0, result.output
+            read = DocumentResult.model_validate_json((workdir / "b.json").read_text())
+            assert [block.label for block in read.blocks] == ["header", "title", "text"]
+            assert read.text == "# Title\n\nBody."
+            assert invoke(*args, "-o", "md").exit_code == 0
+            assert (workdir / "md" / "b.md").read_text().startswith("Running head\n\n# Title")
+        assert stub.violations == []
+
+
+@pytest.mark.usefixtures("workdir")
+def test_in_process_grounding_on_a_model_without_it_fails_the_file(
+    inputs: dict[str, Path], stub: StubVLLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MODEL_SOURCE", "vllm")
+    monkeypatch.setenv("VLLM_BASE_URL", stub.base_url)
+    result = invoke("ocr", str(inputs["b"]), "--mode", "grounding")
+    assert result.exit_code == 1
+    assert "b.png: mode_not_supported" in result.stderr
+    assert stub.requests == []
