@@ -20,6 +20,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 
 from app import __version__
+from app.admission import SharedAdmission
 from app.allocator import tune_allocator
 from app.api.errors import finish_cut_requests, install_error_handlers
 from app.api.jobs import router as jobs_router
@@ -30,6 +31,7 @@ from app.api.security import ApiKeyMiddleware, is_open
 from app.api.upload import LINGER_MIN_BYTES, LingeringClose
 from app.engines import Engine
 from app.jobs import JobRunner, WebhookSender
+from app.jobs.limits import PostgresLimits
 from app.jobs.outbox import Outbox
 from app.logs import setup_logging
 from app.metrics import Metrics
@@ -38,6 +40,17 @@ from app.settings import Settings, SettingsError, check_jobs_db, get_settings
 from app.web import install_web
 
 log = logging.getLogger(__name__)
+
+
+def shared_limits(service: OCRService, store: object, replica: str, settings: Settings) -> SharedAdmission | None:
+    """With PostgreSQL, per-key limits count every replica's pages (`SharedAdmission` on the store's pool)."""
+    pool = getattr(store, "pool", None)
+    if pool is None:
+        return None  # SQLite: one host, one worker process; the in-process counts are the whole truth
+    lease_s = float(getattr(settings, "job_lease_s", 30.0))
+    shared = SharedAdmission.like(service.admission, PostgresLimits(pool), replica=replica, lease_s=lease_s)
+    service.admission = shared
+    return shared
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
@@ -61,13 +74,18 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         outbox = Outbox(jobs.store, WebhookSender.from_settings(settings))
         jobs.feed.on_end(lambda _: outbox.notify())
         app.state.outbox = outbox
+        shared = shared_limits(service, jobs.store, outbox.worker, settings)
         try:
+            if shared is not None:
+                await shared.start()
             await jobs.start()  # after the engine starts: resumes unfinished jobs
             await outbox.start()  # webhooks of jobs finished here or by any replica, dead ones included
             yield
         finally:
             await finish_cut_requests(app)  # requests cut past the grace period answer 503 shutting_down
             await outbox.stop()
+            if shared is not None:
+                await shared.stop()
             await jobs.stop()  # before the engine closes; running jobs stay `running` and resume next start
             await service.close()
 

@@ -199,7 +199,7 @@ class OCRService:
         self.check_started()
         async with self.opened(data, pages=pages, password=password) as (document, indices):
             todo = sum(1 for index in indices if index + 1 not in done)
-            ticket = self.admission.admit(client, todo, charge_rate=charge_rate)
+            ticket = await self.admission.acquire(client, todo, charge_rate=charge_rate)
             try:
                 yield AdmittedDocument(document=document, indices=indices, ticket=ticket, options=options)
             finally:
@@ -236,7 +236,7 @@ class OCRService:
         self.check_options(options)
         async with self.opened(data, pages=pages, password=password) as (_, indices):
             pass
-        self.admission.admit(client, len(indices)).close()
+        (await self.admission.acquire(client, len(indices))).close()
         return [index + 1 for index in indices]
 
     # -- recognition: one call per intent -----------------------------------------------
