@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated
 
 from dotenv import dotenv_values  # python-dotenv: what pydantic-settings itself reads `.env` with
-from pydantic import Field, PrivateAttr, SecretStr, ValidationError, field_validator
+from pydantic import BeforeValidator, Field, PrivateAttr, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -53,6 +53,11 @@ def _split_commas(value: object) -> object:
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
     return value
+
+
+def _path_text(value: object) -> object:
+    """JOBS_DB is a file path or a URL: a `Path` given in code is kept as its text."""
+    return str(value) if isinstance(value, os.PathLike) else value
 
 
 class Settings(BaseSettings):
@@ -130,9 +135,13 @@ class Settings(BaseSettings):
     # Probes.
     retry_after_s: PositiveInt = 5
 
-    # Durable jobs (POST /api/jobs): SQLite file, parallel jobs, retention, storage bound, webhooks.
-    jobs_db: Path = Path("jobs.db")
+    # Durable jobs (POST /api/jobs): SQLite file or PostgreSQL URL, parallel page batches, leases, retention,
+    # storage bound, webhooks.
+    jobs_db: Annotated[str, BeforeValidator(_path_text)] = "jobs.db"
+    jobs_db_pool_size: PositiveInt = 10
     jobs_concurrency: PositiveInt = 4
+    jobs_claim_batch: PositiveInt = 8
+    job_lease_s: Annotated[float, Field(ge=1)] = 30
     jobs_ttl_hours: PositiveFloat = 24
     jobs_max_bytes: PositiveInt = 1024 * 1024 * 1024
     webhook_secret: SecretStr | None = None
@@ -302,7 +311,30 @@ def _configuration_error(lines: list[str]) -> str:
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
-def check_jobs_db(path: Path) -> None:
+def check_jobs_db(target: Path | str) -> None:
+    """Fail at start-up, naming JOBS_DB, when the job store cannot be used.
+
+    A PostgreSQL URL: connect, refuse a schema newer than this code, migrate (the message shows the URL with
+    its password hidden, and why). A file path: see `_check_jobs_file`.
+    """
+    from app.jobs.store.postgres import StoreStartError, is_postgres_url, prepare
+    from app.jobs.store.sqlite import SchemaTooNew, check_schema
+
+    if isinstance(target, str) and is_postgres_url(target):
+        try:
+            prepare(target)
+        except StoreStartError as exc:
+            raise SettingsError(_configuration_error([str(exc)])) from None
+        return
+    path = Path(target)
+    _check_jobs_file(path)
+    try:
+        check_schema(path.absolute())
+    except SchemaTooNew as exc:
+        raise SettingsError(_configuration_error([str(exc)])) from None
+
+
+def _check_jobs_file(path: Path) -> None:
     """Fail at start-up, naming JOBS_DB, when the job store could not be written.
 
     The store creates its file on the first submitted job (`app/jobs/store.py`), so an

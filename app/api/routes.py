@@ -292,6 +292,7 @@ async def _check_ready(request: Request, service: Service) -> None:
     jobs: JobRunner | None = getattr(request.app.state, "jobs", None)
     if jobs is not None:
         jobs.check_alive()
+        await jobs.check_store()  # PostgreSQL lost: 503 store_unavailable
 
 
 @router.get(

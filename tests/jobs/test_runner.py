@@ -78,10 +78,11 @@ async def resumed_job(
     store = SqliteJobStore(tmp_path / "jobs.db", ttl_s=3600, max_bytes=10**7)
     new = NewJob(owner=OWNER, pages=list(range(1, PAGES + 1)), pages_spec=None, password=None, callback_url=None,
                  filename=None)  # fmt: skip
-    record = await store.create(new, make_pdf(PAGES, (100, 130)))
-    assert await store.mark_running(record.id)
-    for number in DONE:
-        assert await store.add_page(record.id, finished_page(number))
+    await store.create(new, make_pdf(PAGES, (100, 130)))
+    leases = await store.claim("previous-process", limit=len(DONE), lease_s=30)
+    for lease in leases:
+        assert (await store.complete(lease, finished_page(lease.page))).accepted
+    assert [lease.page for lease in leases] == DONE
     engine = HeldEngine()
     service = OCRService(make_settings(model_source="vllm", **overrides), engine=engine)
     await service.start(wait=True)

@@ -1,0 +1,174 @@
+"""Page-level runners sharing one store (SQLite file or real PostgreSQL): two runners work one job, a cancel
+through one stops the other's pages at the engine, and a dead worker's pages are taken over once its lease
+expired. Each runner has its own service and engine, as two replicas would."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from app.jobs import JobRecord, JobRunner, NewJob, PostgresJobStore, SqliteJobStore
+from app.jobs.store import SqlJobStore
+from app.results import Generation
+from app.service import OCRService
+from tests.conftest import make_settings
+from tests.support.documents import make_pdf
+from tests.support.engines import FakeEngine
+
+pytestmark = pytest.mark.anyio
+
+LEASE_S = 30.0
+OWNER = "key:a"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[Callable[[], float]], SqlJobStore]:
+    """Opens a handle on one shared database per call (one per runner, as one per process)."""
+    if request.param == "sqlite":
+        return lambda clock: SqliteJobStore(tmp_path / "jobs.db", ttl_s=3600, max_bytes=10**8, clock=clock)
+    url = request.getfixturevalue("postgres_url")
+    return lambda clock: PostgresJobStore(url, ttl_s=3600, max_bytes=10**8, pool_size=4, clock=clock)
+
+
+@contextlib.asynccontextmanager
+async def runner(
+    store: SqlJobStore, answer: Callable[[int], Awaitable[Generation]], **options: int
+) -> AsyncIterator[tuple[JobRunner, FakeEngine]]:
+    engine = FakeEngine(answer, window=16)
+    service = OCRService(make_settings(model_source="vllm"), engine=engine)
+    await service.start(wait=True)
+    jobs = JobRunner(service, store, concurrency=options.get("concurrency", 2),
+                     batch=options.get("batch", 2), lease_s=LEASE_S, clock=store.clock)  # fmt: skip
+    await jobs.start()
+    try:
+        yield jobs, engine
+    finally:
+        await jobs.stop()
+        await service.close()
+
+
+async def submit(store: SqlJobStore, pages: int) -> JobRecord:
+    new = NewJob(owner=OWNER, pages=list(range(1, pages + 1)), pages_spec=None, password=None, callback_url=None,
+                 filename=None)  # fmt: skip
+    return await store.create(new, make_pdf(pages, (100, 130)))
+
+
+async def until(condition: Callable[[], Awaitable[bool]], within: float = 20) -> None:
+    """Poll (bounded) until `condition()`; a failure says it timed out."""
+    async with asyncio.timeout(within):
+        while not await condition():  # noqa: ASYNC110  (the condition is in the database: nothing to wait on)
+            await asyncio.sleep(0.02)
+
+
+async def ended(store: SqlJobStore, job_id: str) -> str:
+    async def done() -> bool:
+        record = await store.get(job_id)
+        return record is not None and record.finished
+
+    await until(done)
+    record = await store.get(job_id)
+    assert record is not None
+    return record.status
+
+
+async def test_two_runners_share_one_job_and_compute_each_page_once(
+    open_store: Callable[[Callable[[], float]], SqlJobStore],
+) -> None:
+    clock = Clock()
+    a_store, b_store = open_store(clock), open_store(clock)
+    record = await submit(a_store, 12)
+    seen: dict[str, set[int]] = {"a": set(), "b": set()}
+    both = asyncio.Event()
+
+    def answer_for(name: str) -> Callable[[int], Awaitable[Generation]]:
+        async def answer(page: int) -> Generation:
+            seen[name].add(page)
+            if seen["a"] and seen["b"]:
+                both.set()
+            await both.wait()  # no runner finishes a page before both have one: the job is shared
+            return Generation(text=f"page {page}", finish_reason="stop", tokens=2)
+
+        return answer
+
+    async with runner(a_store, answer_for("a")) as (_, a_engine), runner(b_store, answer_for("b")) as (_, b_engine):
+        assert await ended(a_store, record.id) == "succeeded"
+    assert a_engine.asked
+    assert b_engine.asked
+    assert sorted(a_engine.asked + b_engine.asked) == record.pages  # each page computed once, by one of them
+    pages = await b_store.pages(record.id)
+    assert [p.result.text for p in pages] == [f"page {n}" for n in record.pages]
+
+
+async def test_a_cancel_through_one_runner_aborts_the_other_runners_pages_at_the_engine(
+    open_store: Callable[[Callable[[], float]], SqlJobStore],
+) -> None:
+    clock = Clock()
+    a_store, b_store = open_store(clock), open_store(clock)
+    record = await submit(a_store, 10)
+    started: asyncio.Queue[int] = asyncio.Queue()
+    aborted: list[int] = []
+
+    async def held(page: int) -> Generation:
+        started.put_nowait(page)
+        try:
+            await asyncio.Event().wait()  # never answers
+        except asyncio.CancelledError:
+            aborted.append(page)
+            raise
+        raise AssertionError("unreachable")
+
+    async with runner(a_store, held, concurrency=1) as (_, a_engine):
+        async with asyncio.timeout(10):
+            for _ in range(2):  # runner A's batch of two pages is at its engine
+                await started.get()
+        async with runner(b_store, held, concurrency=1) as (b_runner, b_engine):
+            async with asyncio.timeout(10):
+                for _ in range(2):  # and runner B's
+                    await started.get()
+            cancelled = await b_runner.cancel(record.id)
+            assert cancelled is not None
+            assert cancelled.status == "cancelled"
+            assert sorted(aborted) == sorted(b_engine.asked)  # B's own pages: at once
+
+            async def a_aborted() -> bool:
+                return len(aborted) == 4
+
+            await until(a_aborted, within=5)  # A's: at its next lease renewal (every second)
+        assert sorted(aborted) == sorted(a_engine.asked + b_engine.asked)
+    assert len(a_engine.asked) + len(b_engine.asked) == 4  # the six pages not started were never sent
+    assert (await a_store.get(record.id)).status == "cancelled"  # type: ignore[union-attr]
+
+
+async def test_a_dead_workers_pages_are_taken_over_once_its_lease_expired(
+    open_store: Callable[[Callable[[], float]], SqlJobStore],
+) -> None:
+    """A worker claimed every page and died (kill -9: no renewal, no release). Nothing is lost."""
+    clock = Clock()
+    store = open_store(clock)
+    record = await submit(store, 4)
+    dead = await store.claim("dead-worker", limit=8, lease_s=LEASE_S)
+    assert len(dead) == 4
+
+    async def answer(page: int) -> Generation:
+        return Generation(text=f"page {page}", finish_reason="stop", tokens=2)
+
+    async with runner(store, answer) as (jobs, engine):
+        await asyncio.sleep(0)
+        assert engine.asked == []  # the leases still hold
+        clock.now += LEASE_S + 1
+        jobs.notify()
+        assert await ended(store, record.id) == "succeeded"
+    assert sorted(engine.asked) == [1, 2, 3, 4]
+    assert not (await store.complete(dead[0], (await store.pages(record.id))[0])).accepted  # the dead one is fenced
