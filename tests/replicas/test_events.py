@@ -180,9 +180,9 @@ async def test_page_log_is_stored_order_and_skips_what_was_read(db: Path) -> Non
     store = SqliteJobStore(db, ttl_s=3600, max_bytes=10_000)
     job = NewJob(owner="a", pages=[1, 2, 3], pages_spec=None, password=None, callback_url=None, filename=None)
     record = await store.create(job, b"doc")
-    assert await store.mark_running(record.id)
-    for number in (3, 1, 3, 2):  # the second 3 is a duplicate: ignored, its place kept
-        await store.add_page(record.id, _page(number))
+    leases = {lease.page: lease for lease in await store.claim("w", limit=3, lease_s=30)}
+    for number in (3, 1, 3, 2):  # the second 3 is a duplicate: refused, its place kept
+        await store.complete(leases[number], _page(number))
     log: Callable[[int], Any] = lambda after: store.page_log(record.id, after=after)  # noqa: E731
     assert [p.page for p in await log(0)] == [3, 1, 2]
     assert [p.page for p in await log(2)] == [2]
