@@ -138,7 +138,7 @@ class JobRunner:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self.store.close()
+        await self.store.aclose()
 
     def notify(self) -> None:
         """A job was queued: look for work now rather than at the next poll."""

@@ -183,6 +183,10 @@ class JobStore(Protocol):
 
     def close(self) -> None: ...
 
+    async def aclose(self) -> None:
+        """Close, from the event loop (pools with async users are closed there)."""
+        ...
+
 
 class Tx(Protocol):
     """One open transaction; SQL with `?` placeholders."""
@@ -249,6 +253,9 @@ class SqlJobStore:
 
     def close(self) -> None:
         return None
+
+    async def aclose(self) -> None:
+        self.close()
 
     # -- reads ---------------------------------------------------------------------------
 

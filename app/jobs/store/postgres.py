@@ -130,7 +130,9 @@ class PostgresJobStore(SqlJobStore):
         self.shown = hide_password(url)
         self.retry_after_s = retry_after_s
         self.pool_size = pool_size
-        self.pool = self._make_pool()
+        self.sync_pool = self._make_pool()
+        # For async users beside the store (the webhook outbox, event LISTEN): opened with the store.
+        self.pool: psycopg_pool.AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
         self._opened = False
 
     def _make_pool(self) -> psycopg_pool.ConnectionPool[psycopg.Connection[dict[str, Any]]]:
@@ -152,16 +154,28 @@ class PostgresJobStore(SqlJobStore):
         if self._opened:
             return
         await anyio.to_thread.run_sync(prepare, self.conninfo)
-        await anyio.to_thread.run_sync(self.pool.open)
+        await anyio.to_thread.run_sync(self.sync_pool.open)
+        self.pool = psycopg_pool.AsyncConnectionPool(
+            self.conninfo,
+            min_size=1,
+            max_size=max(2, self.pool_size // 2),
+            open=False,
+            timeout=_POOL_TIMEOUT_S,
+            kwargs={"connect_timeout": _CONNECT_TIMEOUT_S},
+            check=psycopg_pool.AsyncConnectionPool.check_connection,
+            reconnect_timeout=0,
+            name="jobs-async",
+        )
+        await self.pool.open()
         self._opened = True
 
     def _transaction(self, fn: Callable[[Tx], T]) -> T:
         if not self._opened:  # used without open() (tests, tools): prepare once
             prepare(self.conninfo)
-            self.pool.open()
+            self.sync_pool.open()
             self._opened = True
         try:
-            with self.pool.connection() as conn, conn.transaction():
+            with self.sync_pool.connection() as conn, conn.transaction():
                 return fn(_PgTx(conn))
         except (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -215,8 +229,14 @@ class PostgresJobStore(SqlJobStore):
             [*params, now, limit, worker, lease_until],
         )
 
+    async def aclose(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = None
+        await anyio.to_thread.run_sync(self.close)
+
     def close(self) -> None:
         if self._opened:
-            self.pool.close()
-            self.pool = self._make_pool()
+            self.sync_pool.close()
+            self.sync_pool = self._make_pool()
             self._opened = False
