@@ -100,6 +100,24 @@
     return window.DOMPurify.sanitize(markdown.render(text), SANITIZE);
   }
 
+  // Grounding boxes, coloured by the model's label; a label the service does not know is grey.
+  const LABEL_COLORS = {
+    title: "#c62828", section: "#ef6c00", text: "#1565c0", list: "#00838f", caption: "#6a1b9a",
+    footnote: "#8d6e63", aside_text: "#9e9d24", header: "#757575", footer: "#757575", page_number: "#757575",
+    table: "#2e7d32", chart: "#ad1457", formula: "#d84315", code: "#283593", image: "#f9a825",
+  };
+  const HEADER_FOOTER = new Set(["header", "footer", "page_number", "footnote"]);
+
+  function colorOf(label) {
+    return LABEL_COLORS[label] || "#9e9e9e";
+  }
+
+  // A picture's markdown reference (`page_N_image_K.png`) shown as its crop, when the block carries one.
+  function withPictures(text, blocks) {
+    const crops = new Map(blocks.filter((b) => b.picture && b.image).map((b) => [b.picture, b.image]));
+    return text.replace(/\]\(page_\d+_image_(\d+)\.png\)/g, (ref, k) => (crops.has(Number(k)) ? `](${crops.get(Number(k))})` : ref));
+  }
+
   function escapeHtml(text) {
     const span = document.createElement("span");
     span.textContent = text;
@@ -198,6 +216,12 @@
     const columns = element("div", "columns");
     columns.append(figure, element("div", "markdown pending", "Waiting for the model…"));
     slot.append(header, columns);
+    // Pointer on a block's text lights its box(es) on the image, and the other way round.
+    slot.addEventListener("mouseover", (event) => {
+      const target = event.target.closest("[data-block]");
+      highlight(slot, target ? target.dataset.block : null);
+    });
+    slot.addEventListener("mouseleave", () => highlight(slot, null));
     $("results").append(slot);
     paintImage(number);
   }
@@ -220,7 +244,63 @@
     img.alt = `Page ${number} as the model saw it`;
     img.width = rendered.width;
     img.height = rendered.height;
-    figure.replaceChildren(img, element("figcaption", "", `${rendered.width} × ${rendered.height} px, as sent to the model`));
+    const sheet = element("div", "sheet");
+    sheet.append(img);
+    figure.replaceChildren(sheet, element("figcaption", "", `${rendered.width} × ${rendered.height} px, as sent to the model`));
+    paintBoxes(number);
+  }
+
+  function boxedBlocks(number) {
+    const blocks = run.blocks.get(number) || [];
+    return blocks.some((block) => block.bbox) ? blocks : null;
+  }
+
+  // Each block's boxes over the page image, in % of the image the model saw, so they follow its scaling.
+  function paintBoxes(number) {
+    const slot = slotOf(number);
+    const page = run.pages.get(number);
+    const blocks = boxedBlocks(number);
+    const sheet = slot && slot.querySelector(".sheet");
+    if (!sheet || !page || !blocks || !page.width || !page.height) return;
+    sheet.querySelectorAll(".box").forEach((box) => box.remove());
+    const boxes = [];
+    blocks.forEach((block, i) => {
+      const parts = block.bbox ? [block.bbox, ...(block.continuations || []).map((part) => part.bbox)] : [];
+      for (const [x1, y1, x2, y2] of parts) {
+        const box = element("div", "box");
+        box.dataset.block = String(i);
+        box.dataset.label = block.label || block.type;
+        box.title = block.label || block.type;
+        box.style.setProperty("--box", colorOf(block.label));
+        box.style.left = `${(100 * x1) / page.width}%`;
+        box.style.top = `${(100 * y1) / page.height}%`;
+        box.style.width = `${(100 * (x2 - x1)) / page.width}%`;
+        box.style.height = `${(100 * (y2 - y1)) / page.height}%`;
+        boxes.push([(x2 - x1) * (y2 - y1), box]);
+      }
+    });
+    boxes.sort((a, b) => b[0] - a[0]); // small boxes last, on top: each stays reachable by the pointer
+    sheet.append(...boxes.map(([, box]) => box));
+  }
+
+  function highlight(slot, index) {
+    for (const node of slot.querySelectorAll("[data-block]")) node.classList.toggle("hot", node.dataset.block === index);
+  }
+
+  // A page with boxes shows its blocks one by one (each can light its box); other pages show their markdown.
+  function paintBlocks(body, blocks) {
+    const dropping = $("drop-hf").checked;
+    body.replaceChildren(
+      ...blocks.map((block, i) => {
+        const node = element("div", "block");
+        node.dataset.block = String(i);
+        node.dataset.label = block.label || block.type;
+        node.style.setProperty("--box", colorOf(block.label));
+        if (dropping && HEADER_FOOTER.has(block.label)) node.classList.add("dropped");
+        node.innerHTML = renderMarkdown(withPictures(block.text, blocks));
+        return node;
+      }),
+    );
   }
 
   function paintPage(page) {
@@ -244,10 +324,14 @@
     if (page.status === "failed") {
       body.className = "markdown failed";
       body.textContent = `This page failed: ${page.error ? page.error.message : "no text"}`;
+    } else if (boxedBlocks(page.page)) {
+      body.className = "markdown blocks";
+      paintBlocks(body, boxedBlocks(page.page));
     } else {
       body.className = "markdown";
-      body.innerHTML = renderMarkdown(page.text);
+      body.innerHTML = renderMarkdown(withPictures(page.text, run.blocks.get(page.page) || []));
     }
+    paintBoxes(page.page);
     slot.querySelector("header button").disabled = page.status === "failed";
   }
 
@@ -323,13 +407,19 @@
     if (buffer.trim()) yield JSON.parse(buffer);
   }
 
-  function formData(file) {
+  // `reading`: add the reading options (for api/inference; web/render takes the document fields only).
+  function formData(file, reading) {
     const form = new FormData();
     form.append("file", file);
     const pages = $("pages").value.trim();
     const password = $("password").value;
     if (pages) form.append("pages", pages);
     if (password) form.append("password", password);
+    if (reading) {
+      if ($("mode").value !== "plain") form.append("mode", $("mode").value);
+      if ($("drop-hf").checked) form.append("drop_headers_footers", "true");
+      form.append("images", "inline"); // pictures with a box come with their crop, shown in the text
+    }
     return form;
   }
 
@@ -363,6 +453,7 @@
         paintProgress(0, event.total);
         break;
       case "page":
+        run.blocks.set(event.page.page, event.blocks || []);
         paintPage(event.page);
         enableDownloads();
         break;
@@ -399,6 +490,7 @@
     const state = {
       controller: new AbortController(),
       pages: new Map(),
+      blocks: new Map(),
       images: new Map(),
       imageError: null,
       result: null,
@@ -416,7 +508,7 @@
     try {
       const response = await fetch("api/inference", {
         method: "POST",
-        body: formData(file),
+        body: formData(file, true),
         headers: authHeaders({ Accept: "application/x-ndjson" }),
         signal: state.controller.signal,
       });
@@ -450,7 +542,14 @@
   // events as a stream; a cut connection resumes after the pages already shown (Last-Event-ID).
   async function followJob(id) {
     if (run) run.controller.abort();
-    const state = { controller: new AbortController(), pages: new Map(), images: new Map(), result: null, started: false };
+    const state = {
+      controller: new AbortController(),
+      pages: new Map(),
+      blocks: new Map(),
+      images: new Map(),
+      result: null,
+      started: false,
+    };
     state.imageError = "page images of a job are at api/jobs/{id}/pages/{n}/image";
     run = state;
     clearError();
