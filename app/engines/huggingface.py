@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import json
 import logging
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -27,13 +29,33 @@ from app.engines.base import EngineBase, EngineInfo, Sampling
 from app.engines.hub import resolve_checkpoint
 from app.errors import EngineError, EngineNotReady, EngineUnavailable, PageRejected, ServiceUnavailable
 from app.intake.document import pad_to_min_side
+from app.profiles import Architecture, Profile, active_profile
 from app.results import FinishReason, Generation
 from app.settings import Device, Settings
 
 log = logging.getLogger(__name__)
 
-# One user turn holding only the image: the authors' request (REFERENCE.md).
-_CONVERSATION: list[dict[str, Any]] = [{"role": "user", "content": [{"type": "image"}]}]
+
+def conversation(prompt: str | None) -> list[dict[str, Any]]:
+    """The authors' request (REFERENCE.md, LightOn's client): one user turn holding the image, then the
+    text part when one is asked for (generation 3's `grounding`)."""
+    content: list[dict[str, Any]] = [{"type": "image"}]
+    if prompt is not None:
+        content.append({"type": "text", "text": prompt})
+    return [{"role": "user", "content": content}]
+
+
+def architecture_of(checkpoint: Path) -> Architecture:
+    """Which classes load the checkpoint, from its config.json's model_type.
+
+    `qwen3_5`: LightOnOCR-3 0.8B and 4B (Qwen3.5-VL). Anything else is loaded with the LightOnOcr
+    classes (generation 1-2 and 3-1B say `mistral3` or `lighton_ocr`, which Auto* would get wrong).
+    """
+    try:
+        config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "lightonocr"  # the load itself reports the missing or broken file
+    return "qwen3_5" if isinstance(config, dict) and config.get("model_type") == "qwen3_5" else "lightonocr"
 
 
 def encode_images_one_by_one(inner: Any) -> None:
@@ -98,6 +120,7 @@ class _Pending:
 class HuggingFaceEngine(EngineBase):
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
+        self._profile: Profile = active_profile(settings).row
         self._device: torch.device | None = None
         self._model: LightOnOcrForConditionalGeneration | None = None
         self._processor: LightOnOcrProcessor | None = None
@@ -156,17 +179,19 @@ class HuggingFaceEngine(EngineBase):
         log.info("loading %s on %s (%s)", checkpoint, device, dtype_for(device))
         # Imported here, in the loading thread: importing torch takes seconds and must not hold up the
         # event loop (the app answers /health while this runs).
-        from transformers import LightOnOcrForConditionalGeneration, LightOnOcrProcessor
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-        try:
-            # Explicit classes: the hub config says mistral3/Pixtral, which Auto* would pick wrongly.
-            # From a directory only: the hub, if needed, was consulted above.
-            processor = LightOnOcrProcessor.from_pretrained(checkpoint, local_files_only=True)
-            model = LightOnOcrForConditionalGeneration.from_pretrained(
-                checkpoint, dtype=dtype_for(device), local_files_only=True
+        architecture = architecture_of(Path(checkpoint))
+        if architecture != self._profile.architecture:
+            log.warning(
+                "the checkpoint's config says %s but the profile %s is %s: loading it as its config says",
+                architecture,
+                self._profile.name,
+                self._profile.architecture,
             )
+        try:
+            processor, model = _load_classes(architecture, Path(checkpoint), dtype_for(device))
         except (OSError, ValueError) as exc:  # a missing file is an OSError; a bad config a ValueError
             log.warning("cannot load the checkpoint in %s: %s", checkpoint, exc)
             raise EngineUnavailable(
@@ -174,9 +199,10 @@ class HuggingFaceEngine(EngineBase):
                 f"with `hf download {source} --cache-dir {settings.model_cache_dir}` and copy "
                 "the cache, or set MODEL_NAME to a local directory holding the checkpoint."
             ) from exc
-        model.to(device)  # type: ignore[arg-type]
-        model.eval()  # type: ignore[no-untyped-call]
-        encode_images_one_by_one(model.model)
+        model.to(device)
+        model.eval()
+        if architecture == "lightonocr":
+            encode_images_one_by_one(model.model)
         processor.tokenizer.padding_side = "left"  # batched decoding needs prompts aligned on the right
         tokenizer = processor.tokenizer
         stop_ids = set(_as_list(model.generation_config.eos_token_id))
@@ -295,7 +321,13 @@ class HuggingFaceEngine(EngineBase):
         if model is None or processor is None or device is None:
             raise EngineUnavailable("the model is not loaded")
         sampling = group[0].sampling
-        prompt = processor.apply_chat_template(_CONVERSATION, add_generation_prompt=True, tokenize=False)
+        # The profile's chat-template switches (enable_thinking=False for the Qwen3.5-based checkpoints).
+        prompt = processor.apply_chat_template(
+            conversation(sampling.prompt),
+            add_generation_prompt=True,
+            tokenize=False,
+            **self._profile.chat_template_kwargs,
+        )
         inputs = processor(
             text=[prompt] * len(group), images=[p.image for p in group], return_tensors="pt", padding=True
         )
@@ -321,6 +353,32 @@ class HuggingFaceEngine(EngineBase):
         tokens = row[:end] if end is not None else row
         text = self._processor.tokenizer.decode(tokens, skip_special_tokens=True)
         return Generation(text=text.strip(), finish_reason=finish, tokens=len(tokens))
+
+
+def _load_classes(architecture: Architecture, checkpoint: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    """(processor, model) from a directory, with the architecture's own classes.
+
+    LightOnOCR-1/2 and 3-1B: the explicit LightOnOcr classes (the hub config says mistral3/Pixtral,
+    which Auto* would pick wrongly). LightOnOCR-3 0.8B/4B: `Qwen3_5ForConditionalGeneration` and the
+    checkpoint's own processor (Qwen3VLProcessor), whose video half needs torchvision in transformers 5.2x.
+    """
+    if architecture == "qwen3_5":
+        from transformers import AutoProcessor, Qwen3_5ForConditionalGeneration
+
+        try:
+            processor = AutoProcessor.from_pretrained(checkpoint, local_files_only=True)  # type: ignore[no-untyped-call]
+        except (ImportError, AttributeError) as exc:
+            raise EngineUnavailable(
+                f"cannot build the Qwen3.5 processor of {checkpoint}: {exc!r}. transformers' Qwen3VLProcessor "
+                "needs torchvision (for its video half) to be installed beside torch"
+            ) from exc
+        qwen = Qwen3_5ForConditionalGeneration.from_pretrained(checkpoint, dtype=dtype, local_files_only=True)
+        return processor, qwen
+    from transformers import LightOnOcrForConditionalGeneration, LightOnOcrProcessor
+
+    processor = LightOnOcrProcessor.from_pretrained(checkpoint, local_files_only=True)
+    model = LightOnOcrForConditionalGeneration.from_pretrained(checkpoint, dtype=dtype, local_files_only=True)
+    return processor, model
 
 
 def min_side_of(processor: Any) -> int:

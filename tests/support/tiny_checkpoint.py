@@ -305,3 +305,124 @@ if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python -m tests.support.tiny_checkpoint TARGET_DIR")
     print(build_tiny_checkpoint(Path(sys.argv[1])))
+
+
+# ----------------------------------------------------------------------------- Qwen3.5-VL (LightOnOCR-3 0.8B / 4B)
+
+QWEN_SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END, "<|vision_start|>", IMAGE_END_TOKEN, IMAGE_TOKEN, "<|video_pad|>"]
+# Qwen3.5's template, reduced to what the service sends: an image (between vision start/end), an optional
+# text part, and the thinking switch: `enable_thinking=False` opens and closes an empty think block.
+QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}{%- else -%}"
+    "{%- for content in message['content'] -%}"
+    "{%- if content['type'] == 'image' or 'image' in content or 'image_url' in content -%}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif 'text' in content -%}{{- content['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\\n\\n</think>\\n\\n' -}}"
+    "{%- else -%}{{- '<think>\\n' -}}{%- endif -%}{%- endif -%}"
+)
+
+
+def build_tiny_qwen3_5_checkpoint(target: Path, name: str = "lightonai/LightOnOCR-3-4B") -> Path:
+    """A tiny random `Qwen3_5ForConditionalGeneration` (linear + full attention layers, Qwen3.5 vision).
+
+    The model, tokenizer, image processor (patch 16, merge 2, up to 2048 px) and chat template are
+    written one by one. The processor object itself (Qwen3VLProcessor) is also saved when it can be
+    built: in transformers 5.2x that needs torchvision for its video half.
+    """
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    global SPECIAL_TOKENS
+    saved, SPECIAL_TOKENS = SPECIAL_TOKENS, QWEN_SPECIAL_TOKENS
+    try:
+        bpe = json.loads(_train_tokenizer().to_str())["model"]
+    finally:
+        SPECIAL_TOKENS = saved
+    tokenizer = Qwen2Tokenizer(
+        vocab=bpe["vocab"],
+        merges=[(left, right) for left, right in bpe["merges"]],  # type: ignore[misc]
+        unk_token=None,  # type: ignore[arg-type]
+        bos_token=None,
+        eos_token=IM_END,
+        pad_token=ENDOFTEXT,
+        extra_special_tokens=[IM_START, "<|vision_start|>", IMAGE_END_TOKEN, IMAGE_TOKEN, "<|video_pad|>"],
+        model_max_length=131072,
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+    ids = {token: int(tokenizer.convert_tokens_to_ids(token)) for token in QWEN_SPECIAL_TOKENS}  # type: ignore[arg-type]
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=16, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 32 * 32, "longest_edge": 2048 * 2048}
+    )
+    config = Qwen3_5Config(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 32,
+            "linear_key_head_dim": 16,
+            "linear_value_head_dim": 16,
+            "linear_num_key_heads": 2,
+            "linear_num_value_heads": 2,
+            "layer_types": ["linear_attention", "full_attention"],
+            "max_position_embeddings": 40960,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000000.0,
+                "mrope_section": [2, 1, 1],
+                "mrope_interleaved": True,
+                "partial_rotary_factor": 0.25,
+            },
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            "tie_word_embeddings": True,
+        },
+        vision_config={
+            "depth": 2,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_heads": 2,
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "out_hidden_size": 64,
+            "num_position_embeddings": 256,
+        },
+        image_token_id=ids[IMAGE_TOKEN],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids[IMAGE_END_TOKEN],
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        model = Qwen3_5ForConditionalGeneration(config)
+    model.generation_config = _build_generation_config(tokenizer)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    image_processor.save_pretrained(target)
+    try:
+        from transformers import Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+        processor = Qwen3VLProcessor(  # type: ignore[no-untyped-call]
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=Qwen3VLVideoProcessor(),
+            chat_template=QWEN_CHAT_TEMPLATE,
+        )
+        processor.save_pretrained(target)
+    except (ImportError, AttributeError):  # no torchvision: the processor cannot be built here
+        pass
+    _record_name(target / "config.json", name)
+    return target
