@@ -76,9 +76,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         app.state.outbox = outbox
         shared = shared_limits(service, jobs.store, outbox.worker, settings)
         try:
+            await jobs.start()  # after the engine starts: opens the store (and its pool), resumes unfinished jobs
             if shared is not None:
                 await shared.start()
-            await jobs.start()  # after the engine starts: resumes unfinished jobs
             await outbox.start()  # webhooks of jobs finished here or by any replica, dead ones included
             yield
         finally:

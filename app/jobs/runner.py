@@ -303,8 +303,9 @@ class JobRunner:
             try:
                 completion = await self.store.complete(lease, page)
             except StoreUnavailable as exc:
-                log.warning("job %s page %d finished; store unreachable (%s): keeping it, retrying in %.1fs",
-                            lease.job_id, lease.page, exc.message, delay)  # fmt: skip
+                if delay == _STORE_RETRY_S:  # one line per page, not one per retry
+                    log.warning("job %s page %d finished; store unreachable (%s): keeping it until the store is back",
+                                lease.job_id, lease.page, exc.message)  # fmt: skip
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue

@@ -131,9 +131,23 @@ class PostgresJobStore(SqlJobStore):
         self.retry_after_s = retry_after_s
         self.pool_size = pool_size
         self.sync_pool = self._make_pool()
-        # For async users beside the store (the webhook outbox, event LISTEN): opened with the store.
-        self.pool: psycopg_pool.AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
+        # For async users beside the store (webhook outbox, shared limits, LISTEN): opened by `open()`.
+        self.pool = self._make_async_pool()
         self._opened = False
+
+    def _make_async_pool(self) -> psycopg_pool.AsyncConnectionPool[psycopg.AsyncConnection[Any]]:
+        """The async pool for users beside the store (tuple rows), not opened yet."""
+        return psycopg_pool.AsyncConnectionPool(
+            self.conninfo,
+            min_size=1,
+            max_size=max(2, self.pool_size // 2),
+            open=False,
+            timeout=_POOL_TIMEOUT_S,
+            kwargs={"connect_timeout": _CONNECT_TIMEOUT_S},
+            check=psycopg_pool.AsyncConnectionPool.check_connection,
+            reconnect_timeout=0,
+            name="jobs-async",
+        )
 
     def _make_pool(self) -> psycopg_pool.ConnectionPool[psycopg.Connection[dict[str, Any]]]:
         """A pool not opened yet (a closed pool cannot reopen: `close()` leaves a fresh one for a later use)."""
@@ -155,17 +169,6 @@ class PostgresJobStore(SqlJobStore):
             return
         await anyio.to_thread.run_sync(prepare, self.conninfo)
         await anyio.to_thread.run_sync(self.sync_pool.open)
-        self.pool = psycopg_pool.AsyncConnectionPool(
-            self.conninfo,
-            min_size=1,
-            max_size=max(2, self.pool_size // 2),
-            open=False,
-            timeout=_POOL_TIMEOUT_S,
-            kwargs={"connect_timeout": _CONNECT_TIMEOUT_S},
-            check=psycopg_pool.AsyncConnectionPool.check_connection,
-            reconnect_timeout=0,
-            name="jobs-async",
-        )
         await self.pool.open()
         self._opened = True
 
@@ -230,9 +233,9 @@ class PostgresJobStore(SqlJobStore):
         )
 
     async def aclose(self) -> None:
-        if self.pool is not None:
+        if self._opened:
             await self.pool.close()
-            self.pool = None
+            self.pool = self._make_async_pool()
         await anyio.to_thread.run_sync(self.close)
 
     def close(self) -> None:
