@@ -43,7 +43,7 @@ from app.errors import OCRError
 from app.events import ErrorEvent, ProgressEvent, ResultEvent, StartEvent, parse_event
 from app.profiles import active_profile
 from app.results import DocumentResult, ReadOptions
-from app.settings import Settings, SettingsError, get_settings
+from app.settings import Settings, SettingsError, get_settings, short_model_name
 from app.text import markdown_to_text
 
 NDJSON = "application/x-ndjson"
@@ -627,7 +627,7 @@ def _local_info(settings: Settings) -> dict[str, Any]:
         "version": __version__,
         "engine": engine.engine,
         "model": engine.model,
-        "model_version": settings.model_version,
+        "model_version": short_model_name(engine.model),
         "device": engine.device,
         "sampling": {"temperature": profile.temperature, "top_p": profile.top_p},
         "retry_temperatures": settings.retry_temperatures,
@@ -644,7 +644,7 @@ def _local_info(settings: Settings) -> dict[str, Any]:
         "logs": f"{settings.log_format.value}, {settings.log_level.value}",
         "listen": f"{settings.host}:{settings.port}",
     }
-    if engine.engine == "vllm":
+    if engine.engine in ("vllm", "openai"):
         from app.engines.fleet import display_url  # credentials stay out of a terminal and its scrollback
 
         servers = [display_url(url.strip()) for url in settings.vllm_base_url.split(",") if url.strip()]

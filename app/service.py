@@ -41,7 +41,7 @@ from app.postprocess import repair_escaped_dollars
 from app.profiles import GROUNDING_PROMPT, ActiveProfile, active_profile
 from app.quality import is_repetitive
 from app.results import DocumentResult, FinishedPage, Generation, PageError, PageResult, PageStatus, ReadOptions
-from app.settings import Settings
+from app.settings import Settings, short_model_name
 
 log = logging.getLogger(__name__)
 
@@ -432,7 +432,7 @@ class OCRService:
             status="ok" if all(page.status in ("ok", "retried") for page in pages) else "partial",
             text=PAGE_SEPARATOR.join(page.text for page in pages if page.status != "failed"),
             blocks=[block for page in finished for block in page.blocks],
-            model_version=self.settings.model_version,
+            model_version=short_model_name(self.engine.info().model),
             pages=pages,
             failed_pages=[page.page for page in failed],
         )

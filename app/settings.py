@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 class ModelSource(StrEnum):
     HUGGINGFACE = "huggingface"
     VLLM = "vllm"
+    OPENAI = "openai"  # any OpenAI-compatible server (llama.cpp's llama-server, mlx-vlm): the vLLM engine
 
 
 class Device(StrEnum):
@@ -247,7 +248,12 @@ class Settings(BaseSettings):
     @property
     def model_version(self) -> str:
         """Short model name for responses: `lightonai/LightOnOCR-2-1B` -> `lightonocr-2-1b`."""
-        return Path(self.model_name.rstrip("/")).name.lower()
+        return short_model_name(self.model_name)
+
+
+def short_model_name(name: str) -> str:
+    """`lightonai/LightOnOCR-2-1B` -> `lightonocr-2-1b` (also for the name an OpenAI-compatible server lists)."""
+    return Path(name.rstrip("/")).name.lower()
 
 
 def parse_vllm_endpoint(item: str) -> tuple[str, int | None]:

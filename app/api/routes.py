@@ -25,6 +25,7 @@ from app.intake import DocType
 from app.jobs import JobRunner
 from app.metrics import CONTENT_TYPE
 from app.results import DocumentResult
+from app.settings import short_model_name
 from app.streaming import ndjson, server_sent, with_heartbeat
 
 API_VERSION = "1.0"
@@ -192,8 +193,11 @@ class Info(BaseModel):
     name: str = Field(description="Service name (PROJECT_NAME).", examples=["LightOnOCR-Service"])
     version: str = Field(description="Version of this service.", examples=["0.1.0"])
     api_version: str = Field(description="Version of the HTTP API.", examples=[API_VERSION])
-    engine: Literal["huggingface", "vllm"] = Field(description="Engine running the model (MODEL_SOURCE).")
-    model: str = Field(description="Model id or checkpoint (MODEL_NAME).", examples=["lightonai/LightOnOCR-2-1B"])
+    engine: Literal["huggingface", "vllm", "openai"] = Field(description="Engine running the model (MODEL_SOURCE).")
+    model: str = Field(
+        description="Model id or checkpoint (MODEL_NAME, or the one an OpenAI-compatible server lists).",
+        examples=["lightonai/LightOnOCR-2-1B"],
+    )
     model_version: str = Field(description="Short model name, as in results.", examples=["lightonocr-2-1b"])
     device: str = Field(description="Device really used (after any fallback), or the vLLM server.")
     ready: bool = Field(description="Whether a page sent now would be served: the same check as /ready.")
@@ -230,8 +234,8 @@ async def info(request: Request, service: Service) -> Info:
         version=__version__,
         api_version=API_VERSION,
         engine=settings.model_source.value,
-        model=settings.model_name,
-        model_version=settings.model_version,
+        model=engine.model,
+        model_version=short_model_name(engine.model),
         device=engine.device,
         ready=ready,
         sampling={"temperature": service.profile.temperature, "top_p": service.profile.top_p},

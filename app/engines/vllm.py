@@ -1,5 +1,9 @@
 """Engine that sends pages to one vLLM server, or a fleet of them, over the OpenAI-compatible API.
 
+The same engine serves MODEL_SOURCE=openai: any OpenAI-compatible server (llama.cpp's `llama-server`,
+mlx-vlm, ...). Then MODEL_NAME may be left unset: the engine uses the one model the server lists, as
+LightOn's client does. What differs between servers is read in `app/engines/servers.py`.
+
 vLLM batches concurrent requests itself, so this engine never batches: every
 page is its own request, and throughput comes from keeping up to
 MAX_CONCURRENT_PAGES of them in flight per server (shared by all documents).
@@ -22,12 +26,13 @@ from PIL import Image
 
 from app.engines.base import EngineBase, EngineInfo, Sampling
 from app.engines.fleet import Endpoint, Fleet, display_url
-from app.errors import EngineError, EngineTimeout, EngineUnavailable, PageRejected
+from app.engines.servers import NotOpenAIShaped, ServedModel, ServerKind, error_message, request_extras, served_models
+from app.errors import EngineError, EngineNotReady, EngineTimeout, EngineUnavailable, PageRejected, ServiceUnavailable
 from app.imaging import encode_png, png_data_url
 from app.intake.document import pad_to_min_side
 from app.profiles import Profile, active_profile
 from app.results import Generation
-from app.settings import Settings
+from app.settings import ModelSource, Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +60,33 @@ class _TransientFailure(Exception):
 
 
 class VLLMEngine(EngineBase):
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, source: ModelSource = ModelSource.VLLM) -> None:
         self._settings = settings
         self._profile: Profile = active_profile(settings).row
         self._endpoints = settings.vllm_endpoints
         self._fleet: Fleet | None = None
         self._prober: asyncio.Task[None] | None = None
+        self._source = source
+        # What messages call the server: "vLLM server", or "model server" for any OpenAI-compatible one.
+        self._what = "vLLM server" if source is ModelSource.VLLM else "model server"
+        # The model to ask for: MODEL_NAME, or (openai, MODEL_NAME unset) the one the server lists, found in start().
+        explicit = source is ModelSource.VLLM or "model_name" in settings.model_fields_set
+        self._model: str | None = settings.model_name if explicit else None
+        # The id the server listed when MODEL_NAME was left to it (the service looks the profile up by it).
+        self.served_model: str | None = None
+        # Which server each endpoint is (by index), learnt from its /models listing: requests to llama-server
+        # carry its sampling switches (`servers.request_extras`). Unknown until listed: protocol only.
+        self._default_kind = ServerKind.VLLM if source is ModelSource.VLLM else ServerKind.OTHER
+        self._kinds: dict[int, ServerKind] = {}
+        self._status: tuple[type[ServiceUnavailable], str] = (EngineNotReady, f"connecting to the {self._what}")
+
+    @property
+    def model(self) -> str:
+        """The model every request names (MODEL_NAME, or the one the server lists)."""
+        return self._model if self._model is not None else self._settings.model_name
+
+    def startup_status(self) -> tuple[type[ServiceUnavailable], str]:
+        return self._status
 
     async def start(self) -> None:
         headers = {"Authorization": f"Bearer {self._settings.vllm_api_key}"} if self._settings.vllm_api_key else {}
@@ -75,7 +101,45 @@ class VLLMEngine(EngineBase):
             )
             endpoints.append(Endpoint(index=index, url=url, capacity=capacity, client=client))
         self._fleet = Fleet(endpoints)
+        if self._model is None:
+            await self._discover_model()
+        elif self._source is not ModelSource.VLLM:
+            # Learn which servers these are before the first page (a server down now is learnt by its probe).
+            await asyncio.gather(*(self._check_endpoint(e) for e in self._fleet.endpoints), return_exceptions=True)
         self._prober = asyncio.create_task(self._probe_forever(), name="vllm-probes")
+
+    async def _discover_model(self) -> None:
+        """MODEL_NAME unset (openai): take the one model the first answering server lists.
+
+        While no server answers, retry every MODEL_LOAD_RETRY_S (0: fail at once); the service is "starting"
+        meanwhile. A server listing several models is a configuration error: start fails naming MODEL_NAME.
+        """
+        retry_s = self._settings.model_load_retry_s
+        while True:
+            failures: list[str] = []
+            for endpoint in self.fleet.endpoints:
+                try:
+                    models = await self._list_models(endpoint)
+                except EngineUnavailable as exc:
+                    failures.append(exc.message)
+                    continue
+                if len(models) != 1:
+                    listed = ", ".join(repr(model.id) for model in models) or "none"
+                    raise SettingsError(
+                        f"MODEL_NAME is not set and the {self._what} at {endpoint.display} lists "
+                        f"{len(models)} models ({listed}): set MODEL_NAME to the one to use"
+                    )
+                self._model = self.served_model = models[0].id
+                self._profile = active_profile(self._settings, model=self._model).row
+                self._kinds[endpoint.index] = models[0].kind
+                log.info("MODEL_NAME not set: using %r, the model the %s serves", self._model, self._what)
+                return
+            message = f"waiting for the {self._what} to list its model: {failures[0]}"
+            if retry_s <= 0:
+                self._status = (EngineUnavailable, message)
+                raise EngineUnavailable(message, retry_after=self._settings.retry_after_s)
+            self._status = (EngineUnavailable, f"{message}; retrying in {retry_s:g} s")
+            await asyncio.sleep(retry_s)
 
     async def close(self) -> None:
         if self._prober is not None:
@@ -101,11 +165,11 @@ class VLLMEngine(EngineBase):
 
     def info(self) -> EngineInfo:
         urls = [display_url(url) for url, _ in self._endpoints]
-        device = f"remote ({urls[0]})" if len(urls) == 1 else f"remote ({len(urls)} vLLM servers)"
+        device = f"remote ({urls[0]})" if len(urls) == 1 else f"remote ({len(urls)} {self._what}s)"
         fleet = self._fleet
         return EngineInfo(
-            engine="vllm",
-            model=self._settings.model_name,
+            engine=self._source.value,
+            model=self.model,
             device=device,
             max_pages_in_flight=sum(capacity for _, capacity in self._endpoints),
             endpoints=tuple(endpoint.state() for endpoint in fleet.endpoints) if fleet is not None else (),
@@ -119,11 +183,11 @@ class VLLMEngine(EngineBase):
 
     def _mark_down(self, endpoint: Endpoint, reason: str) -> None:
         if self.fleet.mark_down(endpoint) and len(self.fleet.endpoints) > 1:
-            log.warning("vLLM server %s left the rotation (%s)", endpoint.display, reason)
+            log.warning("%s %s left the rotation (%s)", self._what, endpoint.display, reason)
 
     def _mark_up(self, endpoint: Endpoint) -> None:
         if self.fleet.mark_up(endpoint) and len(self.fleet.endpoints) > 1:
-            log.warning("vLLM server %s is back in the rotation", endpoint.display)
+            log.warning("%s %s is back in the rotation", self._what, endpoint.display)
 
     async def check_health(self) -> None:
         """Ready means: at least one server answers and serves MODEL_NAME (each one is checked now)."""
@@ -145,7 +209,7 @@ class VLLMEngine(EngineBase):
         if len(problems) == 1:
             raise problems[0]
         raise EngineUnavailable(
-            f"none of the {len(problems)} vLLM servers can serve (see VLLM_BASE_URL and the log); "
+            f"none of the {len(problems)} {self._what}s can serve (see VLLM_BASE_URL and the log); "
             f"first: {problems[0].message}",
             retry_after=self._settings.retry_after_s,
         )
@@ -160,44 +224,60 @@ class VLLMEngine(EngineBase):
                 if outcome is None:
                     self._mark_up(endpoint)
                 elif not isinstance(outcome, EngineUnavailable):
-                    log.warning("probing vLLM server %s failed unexpectedly: %r", endpoint.display, outcome)
+                    log.warning("probing %s %s failed unexpectedly: %r", self._what, endpoint.display, outcome)
 
-    async def _check_endpoint(self, endpoint: Endpoint) -> None:
-        """Raise EngineUnavailable unless this server answers and serves MODEL_NAME."""
+    async def _list_models(self, endpoint: Endpoint) -> list[ServedModel]:
+        """The models this server lists on /models; EngineUnavailable when it cannot say."""
         retry_after = self._settings.retry_after_s
         try:
             response = await endpoint.client.get("/models", timeout=_HEALTH_TIMEOUT_S)
         except httpx.HTTPError as exc:
-            self._health_problem(endpoint, f"vLLM server at {endpoint.display} is unreachable: {exc!r}")
+            self._health_problem(endpoint, f"{self._what} at {endpoint.display} is unreachable: {exc!r}")
             raise EngineUnavailable(
-                "the vLLM server is unreachable (see VLLM_BASE_URL and the log)", retry_after=retry_after
+                f"the {self._what} is unreachable (see VLLM_BASE_URL and the log)", retry_after=retry_after
             ) from None
         if response.status_code != 200:
             self._health_problem(
-                endpoint, f"vLLM server at {endpoint.display} answered {response.status_code} to /models"
+                endpoint, f"{self._what} at {endpoint.display} answered {response.status_code} to /models"
             )
+            upstream = error_message(_json_or_none(response))
+            # llama-server answers 503 "Loading model" until its weights are in: say so.
+            said = f" ({upstream[:80]})" if upstream and response.status_code == 503 else ""
             raise EngineUnavailable(
-                f"the vLLM server answered HTTP {response.status_code} to /models",
+                f"the {self._what} answered HTTP {response.status_code} to /models{said}",
                 retry_after=retry_after,
             )
         endpoint.last_problem = None
         try:
-            models = {str(model["id"]): model for model in response.json()["data"]}
-        except (ValueError, KeyError, TypeError):
-            raise EngineUnavailable("vLLM /models answer is not OpenAI-shaped", retry_after=retry_after) from None
-        model = models.get(self._settings.model_name)
-        if model is None:
+            return served_models(response.json())
+        except (ValueError, NotOpenAIShaped):
             raise EngineUnavailable(
-                f"vLLM server serves {list(models)}, not {self._settings.model_name!r} (MODEL_NAME)",
+                f"the {self._what}'s /models answer is not OpenAI-shaped", retry_after=retry_after
+            ) from None
+
+    async def _check_endpoint(self, endpoint: Endpoint) -> None:
+        """Raise EngineUnavailable unless this server answers and serves the model."""
+        retry_after = self._settings.retry_after_s
+        models = await self._list_models(endpoint)
+        wanted = self.model
+        model = next((m for m in models if m.id == wanted), None) or next(
+            (m for m in models if wanted in m.names), None
+        )
+        if model is None:
+            source = "MODEL_NAME" if self._model == self._settings.model_name else "the model it listed at start"
+            raise EngineUnavailable(
+                f"{self._what} serves {[m.id for m in models]}, not {wanted!r} ({source})",
                 retry_after=retry_after,
-                served=list(models),
+                served=[m.id for m in models],
             )
-        context = model.get("max_model_len")
-        if isinstance(context, int) and self._settings.max_new_tokens >= context:
-            # vLLM would reject every page with a 400: say so before any page is sent.
+        self._kinds[endpoint.index] = model.kind
+        # Checked only when the server says (vLLM's max_model_len, llama-server's n_ctx); others: nothing to check.
+        if model.context is not None and self._settings.max_new_tokens >= model.context:
+            # The server would reject every page with a 400: say so before any page is sent.
+            flag = "--ctx-size" if model.kind is ServerKind.LLAMA_CPP else "--max-model-len"
             raise EngineUnavailable(
                 f"MAX_NEW_TOKENS={self._settings.max_new_tokens} does not fit the server's "
-                f"max_model_len={context}: lower MAX_NEW_TOKENS or raise --max-model-len",
+                f"context of {model.context} tokens: lower MAX_NEW_TOKENS or raise {flag}",
                 retry_after=retry_after,
             )
 
@@ -209,7 +289,7 @@ class VLLMEngine(EngineBase):
         if sampling.prompt is not None:
             content.append({"type": "text", "text": sampling.prompt})
         return {
-            "model": self._settings.model_name,
+            "model": self.model,
             "messages": [{"role": "user", "content": content}],
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
@@ -248,13 +328,13 @@ class VLLMEngine(EngineBase):
                 if attempt == attempts:
                     # The detail (address, exception, upstream body) goes to the log under the
                     # request id; the client gets a message without internal addresses or reprs.
-                    log.warning("vLLM server at %s failed %d times; last: %s", endpoint.display, attempts, exc)
+                    log.warning("%s at %s failed %d times; last: %s", self._what, endpoint.display, attempts, exc)
                     if exc.connection:
                         raise EngineUnavailable(
-                            f"the vLLM server could not be reached ({attempts} attempts)",
+                            f"the {self._what} could not be reached ({attempts} attempts)",
                             retry_after=self._settings.retry_after_s,
                         ) from None
-                    raise EngineError(f"the vLLM server failed {attempts} times ({exc.summary})") from None
+                    raise EngineError(f"the {self._what} failed {attempts} times ({exc.summary})") from None
             except EngineTimeout:
                 endpoint.errors += 1
                 self._mark_down(endpoint, "page timeout")
@@ -279,25 +359,29 @@ class VLLMEngine(EngineBase):
 
     async def _post(self, endpoint: Endpoint, payload: dict[str, Any]) -> Generation:
         try:
-            response = await endpoint.client.post("/chat/completions", json=payload)
+            extras = request_extras(self._kinds.get(endpoint.index, self._default_kind))
+            response = await endpoint.client.post(
+                "/chat/completions", json={**payload, **extras} if extras else payload
+            )
         except httpx.ConnectTimeout as exc:
             raise _TransientFailure(repr(exc), connection=True, summary="connect timeout") from None
         except httpx.TimeoutException:
             # Not retried: a page that took VLLM_PAGE_TIMEOUT_S once would likely do it again.
             raise EngineTimeout(
-                f"vLLM did not answer a page within {self._settings.vllm_page_timeout_s:g}s (VLLM_PAGE_TIMEOUT_S)"
+                f"the {self._what} did not answer a page within "
+                f"{self._settings.vllm_page_timeout_s:g}s (VLLM_PAGE_TIMEOUT_S)"
             ) from None
         except httpx.TransportError as exc:
             raise _TransientFailure(repr(exc), connection=True, summary="connection failed") from None
         status = response.status_code
         if status == 200:
-            return _parse_completion(response)
+            return _parse_completion(response, self._what)
         upstream = _error_message(response)
         if status == 400 or (status == 500 and upstream is not None and not _engine_in_trouble(upstream)):
             # vLLM could not process this input: the same page would get the same answer.
-            log.warning("vLLM rejected a page with HTTP %d: %s", status, (upstream or response.text)[:500])
+            log.warning("%s rejected a page with HTTP %d: %s", self._what, status, (upstream or response.text)[:500])
             raise PageRejected(
-                f"the model cannot process this page (vLLM answered HTTP {status})", upstream_status=status
+                f"the model cannot process this page (the {self._what} answered HTTP {status})", upstream_status=status
             )
         if status >= 500 or status == 429:
             raise _TransientFailure(
@@ -306,22 +390,24 @@ class VLLMEngine(EngineBase):
                 summary=f"HTTP {status}",
                 overload=status == 429,
             )
-        log.warning("vLLM refused a page with HTTP %d: %s", status, response.text[:500])
-        raise EngineError(f"vLLM refused the page with HTTP {status}", upstream_status=status)
+        log.warning("%s refused a page with HTTP %d: %s", self._what, status, response.text[:500])
+        raise EngineError(f"the {self._what} refused the page with HTTP {status}", upstream_status=status)
 
 
 # Words in a 500's message that mean the server itself is in trouble, not this page: retried.
 _ENGINE_TROUBLE = ("enginecore", "enginedead", "engine dead", "out of memory", "cuda error", "overloaded")
 
 
-def _error_message(response: httpx.Response) -> str | None:
-    """The message of vLLM's error body `{"error": {"message", "type", "param", "code"}}`, if it is one."""
+def _json_or_none(response: httpx.Response) -> Any:
     try:
-        error = response.json()["error"]
-        message = error["message"]
-    except (ValueError, KeyError, TypeError):
+        return response.json()
+    except ValueError:
         return None
-    return message if isinstance(message, str) else None
+
+
+def _error_message(response: httpx.Response) -> str | None:
+    """The server's error message, whichever server's error-body shape it is in (`servers.error_message`)."""
+    return error_message(_json_or_none(response))
 
 
 def _engine_in_trouble(message: str) -> bool:
@@ -329,7 +415,7 @@ def _engine_in_trouble(message: str) -> bool:
     return any(marker in lowered for marker in _ENGINE_TROUBLE)
 
 
-def _parse_completion(response: httpx.Response) -> Generation:
+def _parse_completion(response: httpx.Response, what: str) -> Generation:
     try:
         body = response.json()
         choice = body["choices"][0]
@@ -340,7 +426,7 @@ def _parse_completion(response: httpx.Response) -> Generation:
     except (ValueError, KeyError, IndexError, TypeError):
         # The body may hold document text: describe it, never quote it (messages reach the logs).
         raise EngineError(
-            f"vLLM answer is not a chat completion ({len(response.content)} bytes, "
+            f"the {what}'s answer is not a chat completion ({len(response.content)} bytes, "
             f"content-type {response.headers.get('content-type')!r})"
         ) from None
     return Generation(text=str(text), finish_reason="length" if finish == "length" else "stop", tokens=tokens)

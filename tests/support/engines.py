@@ -17,6 +17,8 @@ from app.errors import OCRError
 from app.results import Generation
 from tests.support.documents import page_id_of
 
+DEFAULT_MODEL = "lightonai/LightOnOCR-2-1B"  # the default MODEL_NAME
+
 # Answers a page (by its page id, see tests/support/documents.py) or raises an `OCRError`.
 Answer = Callable[[int], Awaitable[Generation]]
 
@@ -31,8 +33,9 @@ async def clean(page: int) -> Generation:
 class EngineDouble(EngineBase):
     """The engine interface with nothing behind it; subclasses say how a page is answered."""
 
-    def __init__(self, name: str, *, device: str = "none", window: int = 8) -> None:
-        self._info = EngineInfo(engine=name, model=name, device=device, max_pages_in_flight=window)
+    def __init__(self, name: str, *, device: str = "none", window: int = 8, model: str = DEFAULT_MODEL) -> None:
+        # The model is the settings' default: results name the model the engine reports.
+        self._info = EngineInfo(engine=name, model=model, device=device, max_pages_in_flight=window)
 
     async def start(self) -> None:
         return None

@@ -55,6 +55,9 @@ UNPROCESSABLE_MESSAGE = "mode(): Expected reduction dim 0 to have non-zero size.
 DATA_URL_PREFIX = "data:image/png;base64,"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ALLOWED_KEYS = frozenset({"model", "messages", "temperature", "top_p", "max_tokens"})
+# llama-server samples with top_k=40 and min_p=0.05 unless told: a request to it must switch both off.
+LLAMA_SAMPLING = {"top_k": 0, "min_p": 0.0}
+Server = Literal["vllm", "llama-server"]
 EXPECTED_MESSAGES = (
     '[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}]}]'
     ' (grounding: the image part, then {"type": "text", "text": "grounding"})'
@@ -175,6 +178,13 @@ def error_body(status: int, message: str) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": None, "code": status}}
 
 
+def llama_error_body(status: int, message: str) -> dict[str, Any]:
+    """llama-server's error body (`format_error_response` in tools/server/server-common.cpp)."""
+    kinds = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error"}
+    kinds |= {403: "permission_error", 501: "not_supported_error", 503: "unavailable_error"}
+    return {"error": {"code": status, "message": message, "type": kinds.get(status, "server_error")}}
+
+
 def _number(body: dict[str, Any], key: str) -> float:
     value = body.get(key)
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
@@ -206,10 +216,21 @@ class StubVLLM:
         max_model_len: int = MAX_MODEL_LEN,
         max_edge: int | None = None,
         min_side: int | None = None,
+        server: Server = "vllm",
+        also_serves: tuple[str, ...] = (),
+        aliases: tuple[str, ...] = (),
     ) -> None:
-        """`max_edge`, `min_side`: the model's (`expected_shape`) unless given."""
+        """`max_edge`, `min_side`: the model's (`expected_shape`) unless given.
+
+        `server="llama-server"` answers as llama.cpp's server does: its /v1/models card (no max_model_len;
+        `meta.n_ctx` is `max_model_len` here), its error bodies, 503 "Loading model" while `loading`, and it
+        insists on `top_k=0, min_p=0` (see LLAMA_SAMPLING). `also_serves` lists more models (vLLM can serve
+        several names); `aliases` are llama-server's `--alias` names listed beside the id.
+        """
         self.responder: Responder = responder or default_responder
         self.model, self.api_key = model, api_key
+        self.server, self.also_serves, self.aliases = server, also_serves, aliases
+        self.loading = False  # llama-server: every route answers 503 until the weights are in
         self.shape = expected_shape(model)
         self.max_model_len = max_model_len
         self.max_edge = self.shape.longest_edge if max_edge is None else max_edge
@@ -329,7 +350,9 @@ class StubVLLM:
         method, path = request.method, request.url.path
         routes = {"/health": "GET", "/v1/models": "GET", "/v1/chat/completions": "POST"}
         response: Response
-        if path not in routes or routes[path] != method:
+        if self.loading and self.server == "llama-server":
+            response = JSONResponse(llama_error_body(503, "Loading model"), 503)
+        elif path not in routes or routes[path] != method:
             self._violation(f"unexpected {method} {path}")
             status = 404 if path not in routes else 405
             response = JSONResponse({"detail": HTTPStatus(status).phrase}, status)
@@ -339,24 +362,54 @@ class StubVLLM:
             and request.headers.get("authorization") != f"Bearer {self.api_key}"
         ):
             self._violation(f"unauthorized {method} {path}")
-            response = JSONResponse({"error": "Unauthorized"}, 401)  # vLLM's exact 401 body
+            if self.server == "llama-server":
+                response = JSONResponse(llama_error_body(401, "Invalid API Key"), 401)
+            else:
+                response = JSONResponse({"error": "Unauthorized"}, 401)  # vLLM's exact 401 body
         elif path == "/health":
             response = Response(status_code=200)
+        elif path == "/v1/models" and self.server == "llama-server":
+            response = JSONResponse(self._llama_models())
         elif path == "/v1/models":
-            card = {
-                "id": self.model,
-                "object": "model",
-                "created": int(time.time()),
-                "owned_by": "vllm",
-                "root": self.model,
-                "parent": None,
-                "max_model_len": self.max_model_len,
-            }
-            response = JSONResponse({"object": "list", "data": [card]})
+            cards = [self._vllm_card(name) for name in (self.model, *self.also_serves)]
+            response = JSONResponse({"object": "list", "data": cards})
         else:
             await self._chat(request, send)
             return
         await response(scope, receive, send)
+
+    def _vllm_card(self, name: str) -> dict[str, Any]:
+        return {
+            "id": name,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "vllm",
+            "root": name,
+            "parent": None,
+            "max_model_len": self.max_model_len,
+        }
+
+    def _llama_models(self) -> dict[str, Any]:
+        """llama-server's /v1/models (`get_res_models` in tools/server/server-context.cpp), one card per model."""
+        cards = [
+            {
+                "id": name,
+                "aliases": list(self.aliases) if name == self.model else [],
+                "tags": [],
+                "object": "model",
+                "created": int(time.time()),
+                "owned_by": "llamacpp",
+                "meta": {"vocab_type": 2, "n_vocab": 151936, "n_ctx": self.max_model_len, "n_ctx_train": 16384},
+            }
+            for name in (self.model, *self.also_serves)
+        ]
+        ollama = [
+            {"name": card["id"], "model": card["id"], "capabilities": ["completion", "multimodal"]} for card in cards
+        ]
+        return {"models": ollama, "object": "list", "data": cards}
+
+    def _error(self, status: int, message: str) -> dict[str, Any]:
+        return llama_error_body(status, message) if self.server == "llama-server" else error_body(status, message)
 
     async def _chat(self, request: Request, send: Send) -> None:
         """Count the request as in flight until its outcome is recorded.
@@ -393,7 +446,7 @@ class StubVLLM:
         except _Violation as v:
             violation = v
             release(lambda: self._violations.append(violation.message))
-            response = JSONResponse(error_body(v.status, v.message), v.status)
+            response = JSONResponse(self._error(v.status, v.message), v.status)
             await response(request.scope, request.receive, send)
             return
 
@@ -412,7 +465,7 @@ class StubVLLM:
             # Like vLLM: a valid request whose image the processor cannot take is a 500 with the
             # processor's message, never reaching the responder (it is not a protocol violation).
             release(self._finish(record, 500, "error"))
-            await JSONResponse(error_body(500, UNPROCESSABLE_MESSAGE), 500)(request.scope, request.receive, send)
+            await JSONResponse(self._error(500, UNPROCESSABLE_MESSAGE), 500)(request.scope, request.receive, send)
             return
         rgb = image.convert("RGB")
         stub_request = StubRequest(rgb, sha, params, body, attempt, image.mode, prompt)
@@ -447,7 +500,7 @@ class StubVLLM:
         payload: dict[str, Any]
         if reply.status != 200:
             message = reply.message or HTTPStatus(reply.status).phrase
-            payload = error_body(reply.status, message)
+            payload = self._error(reply.status, message)
         else:
             payload = self._completion(stub_request, reply)
         release(self._finish(record, reply.status, "ok" if reply.status == 200 else "error"))
@@ -496,7 +549,7 @@ class StubVLLM:
             raise _Violation(f"body is not JSON: {exc}") from None
         if not isinstance(data, dict):
             raise _Violation("body must be a JSON object")
-        keys = self.shape.keys
+        keys = self.shape.keys | set(LLAMA_SAMPLING) if self.server == "llama-server" else self.shape.keys
         if set(data) != keys:
             extra, missing = (sorted(set(data) - keys), sorted(keys - set(data)))
             raise _Violation(
@@ -506,7 +559,9 @@ class StubVLLM:
             raise _Violation(
                 f"chat_template_kwargs for {self.model} must be {NO_THINKING}, got {data['chat_template_kwargs']!r}"
             )
-        if data["model"] != self.model:
+        if self.server == "llama-server" and any(data[key] != value for key, value in LLAMA_SAMPLING.items()):
+            raise _Violation(f"llama-server needs {LLAMA_SAMPLING} to sample as the authors do")
+        if data["model"] not in (self.model, *self.also_serves, *self.aliases):
             raise _Violation(f"The model `{data['model']}` does not exist.", 404)  # vLLM says 404 here
         temperature, top_p = _number(data, "temperature"), _number(data, "top_p")
         if temperature < 0 or not 0 < top_p <= 1:
