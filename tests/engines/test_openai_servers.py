@@ -41,7 +41,7 @@ def openai_settings(url: str, **overrides: Any) -> Settings:
 
 
 def sampling_of(settings: Settings) -> Sampling:
-    return Sampling(settings.temperature, settings.top_p, settings.max_new_tokens)
+    return Sampling(0.2, 0.9, settings.max_new_tokens)
 
 
 def page(page_id: int = 1) -> Image.Image:
