@@ -72,8 +72,10 @@ async def test_without_model_name_the_one_served_model_is_used_and_sampled_as_th
 
 
 async def test_model_name_may_be_a_llama_server_alias() -> None:
-    with llama_stub(aliases=("lightonocr",)) as stub:
-        async with VLLMEngine(openai_settings(stub.base_url, model_name="lightonocr"), source=ModelSource.OPENAI) as e:
+    with llama_stub(aliases=("LightOnOCR-2-1B",)) as stub:
+        async with VLLMEngine(
+            openai_settings(stub.base_url, model_name="LightOnOCR-2-1B"), source=ModelSource.OPENAI
+        ) as e:
             await e.check_health()
             await e.recognize(page(), sampling_of(openai_settings(stub.base_url)))
     assert stub.violations == []
