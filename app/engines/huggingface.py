@@ -321,13 +321,7 @@ class HuggingFaceEngine(EngineBase):
         if model is None or processor is None or device is None:
             raise EngineUnavailable("the model is not loaded")
         sampling = group[0].sampling
-        # The profile's chat-template switches (enable_thinking=False for the Qwen3.5-based checkpoints).
-        prompt = processor.apply_chat_template(
-            conversation(sampling.prompt),
-            add_generation_prompt=True,
-            tokenize=False,
-            **self._profile.chat_template_kwargs,
-        )
+        prompt = self.prompt(sampling)
         inputs = processor(
             text=[prompt] * len(group), images=[p.image for p in group], return_tensors="pt", padding=True
         )
@@ -345,6 +339,19 @@ class HuggingFaceEngine(EngineBase):
         )
         new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
         return [self._decode(row, sampling.max_new_tokens) for row in new_tokens]
+
+    def prompt(self, sampling: Sampling) -> str:
+        """The chat template applied to the request, with the profile's switches (enable_thinking=False
+        for the Qwen3.5-based checkpoints, as vLLM gets them in `chat_template_kwargs`)."""
+        if self._processor is None:
+            raise EngineUnavailable("the model is not loaded")
+        prompt: str = self._processor.apply_chat_template(
+            conversation(sampling.prompt),
+            add_generation_prompt=True,
+            tokenize=False,
+            **self._profile.chat_template_kwargs,
+        )
+        return prompt
 
     def _decode(self, row: list[int], max_new_tokens: int) -> Generation:
         assert self._processor is not None

@@ -92,3 +92,40 @@ async def test_3_4b_without_torchvision_says_so(tiny_3_4b: Path) -> None:
     with pytest.raises(EngineUnavailable, match="torchvision"):
         await engine.start()
     await engine.close()
+
+
+@pytest.fixture(scope="module")
+def service_3_4b(tiny_3_4b: Path) -> Iterator[str]:
+    settings = make_settings(
+        model_source="huggingface", model_name=str(tiny_3_4b), device="cpu", max_new_tokens=6, retry_temperatures=""
+    )
+    served = ServedApp(create_app(settings)).start()
+    try:
+        wait_ready(served.url)
+        yield served.url
+    finally:
+        served.stop()
+
+
+@pytest.mark.skipif(not HAS_TORCHVISION, reason="transformers' Qwen3VLProcessor needs torchvision (not installed)")
+def test_3_4b_end_to_end_with_its_profile(service_3_4b: str) -> None:
+    """Found by the name in its config.json; pages at 2048 px; thinking turned off in the chat template."""
+    info = httpx.get(f"{service_3_4b}/info").json()
+    assert info["profile"]["name"] == "LightOnOCR-3-4B"
+    assert info["profile"]["architecture"] == "qwen3_5"
+    body = ok(post(service_3_4b, make_pdf(1, (595.28, 841.89))))
+    page = body["pages"][0]
+    assert page["status"] in ("ok", "truncated", "repetitive")
+    assert max(page["width"], page["height"]) == 2048
+
+
+@pytest.mark.anyio
+@pytest.mark.skipif(not HAS_TORCHVISION, reason="transformers' Qwen3VLProcessor needs torchvision (not installed)")
+async def test_3_4b_prompt_turns_thinking_off_and_carries_grounding(tiny_3_4b: Path) -> None:
+    settings = make_settings(model_source="huggingface", model_name=str(tiny_3_4b), device="cpu")
+    async with HuggingFaceEngine(settings) as engine:
+        assert engine.prompt(Sampling(0.2, 1.0, 4, GROUNDING_PROMPT)).endswith(
+            "<|vision_end|>grounding<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+        )
+        generation = await engine.recognize(make_marked_image(1, 200, 260), Sampling(0.2, 1.0, 4, GROUNDING_PROMPT))
+    assert generation.tokens > 0
