@@ -32,6 +32,7 @@ lists every code.
     │   ├── PageRejected (502 page_rejected)
     │   ├── DocumentFailed (502 document_failed)
     │   └── EngineTimeout (504 engine_timeout)
+    ├── IntakeWorkerCrashed (500 intake_worker_crashed)
     ├── RequestTimeout (504 request_timeout)
     ├── JobNotFound (404 job_not_found: unknown, another key's, or expired)
     ├── PageNotFound (404 page_not_found)
@@ -258,6 +259,17 @@ class DocumentFailed(EngineError):
     """
 
     code = "document_failed"
+
+
+class IntakeWorkerCrashed(OCRError):
+    """The intake worker process rendering the page (or opening the document) died while it held it.
+
+    PDFium crashed on this document, or the process was killed (`INTAKE_WORKERS`). Only the pages that worker held
+    fail; it is replaced and other pages and requests go on. Sending the same document again may crash again.
+    """
+
+    status = 500
+    code = "intake_worker_crashed"
 
 
 class RequestTimeout(OCRError):

@@ -20,6 +20,7 @@ from isal import isal_zlib
 from PIL import Image, ImageChops
 
 from app.intake import Document
+from app.intake.pool import PooledDocument
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FILTER_NONE = 0
@@ -100,6 +101,9 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 
 def page_png(document: Document, index: int) -> tuple[bytes, tuple[int, int]]:
     """Page `index` as the exact PNG the model is sent, and its size (blocking: run in a thread)."""
+    if isinstance(document, PooledDocument):
+        page = document.render_png(index)  # encoded by the worker
+        return page.png, page.size
     image = document.render(index)
     return encode_png(image), image.size
 

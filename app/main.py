@@ -30,6 +30,7 @@ from app.api.routes import router
 from app.api.security import ApiKeyMiddleware, is_open
 from app.api.upload import LINGER_MIN_BYTES, LingeringClose
 from app.engines import Engine
+from app.intake.pool import IntakePool
 from app.jobs import JobRunner, WebhookSender
 from app.jobs.limits import PostgresLimits
 from app.jobs.outbox import Outbox
@@ -53,7 +54,10 @@ def shared_limits(service: OCRService, store: object, replica: str, settings: Se
     return shared
 
 
-def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, engine: Engine | None = None, intake: IntakePool | None = None
+) -> FastAPI:
+    """The app; `engine` and `intake` (a worker pool the caller owns) replace the ones settings would build."""
     settings = settings if settings is not None else get_settings()
     setup_logging(settings.log_format.value, settings.log_level.value)
     if settings.unknown_env_file_keys:
@@ -66,7 +70,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service = OCRService(settings, engine, metrics)
+        service = OCRService(settings, engine, metrics, intake)
         app.state.service = service
         await service.start()
         jobs = JobRunner.from_settings(settings, service)

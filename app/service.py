@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import io
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -22,7 +23,7 @@ from PIL import Image
 
 from app.admission import Admission, FairScheduler, Ticket
 from app.engines import Engine, Sampling, build_engine
-from app.engines.base import startup_status
+from app.engines.base import SendsPng, startup_status
 from app.errors import (
     DocumentFailed,
     EngineUnavailable,
@@ -35,7 +36,8 @@ from app.errors import (
 )
 from app.events import ErrorEvent, ErrorInfo, Event, PageEvent, ProgressEvent, ResultEvent, StartEvent
 from app.grounding import ParsedPage, inline_pictures, read_grounding, read_plain
-from app.intake import Document, IntakeLimits, open_document, parse_page_selection
+from app.intake import Document, EncodedPage, IntakeLimits, open_document, parse_page_selection
+from app.intake.pool import IntakePool, PooledDocument
 from app.metrics import Metrics
 from app.postprocess import repair_escaped_dollars
 from app.profiles import GROUNDING_PROMPT, ActiveProfile, active_profile
@@ -70,9 +72,22 @@ class AdmittedDocument:
 
 
 class OCRService:
-    def __init__(self, settings: Settings, engine: Engine | None = None, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine | None = None,
+        metrics: Metrics | None = None,
+        intake: IntakePool | None = None,
+    ) -> None:
         self.settings = settings
         self.engine = engine if engine is not None else build_engine(settings)
+        # Intake in worker processes (INTAKE_WORKERS > 0), or in threads of this process (0). A pool passed in
+        # (tests share one) belongs to the caller; one built here is started and closed with the service.
+        self._own_intake = intake is None and settings.intake_worker_count > 0
+        self.intake = IntakePool(settings.intake_worker_count) if self._own_intake else intake
+        # An engine that sends PNGs (vLLM) gets them encoded by the worker, padded to its smallest side.
+        self._png_engine = self.engine if isinstance(self.engine, SendsPng) else None
+        self._intake_start: asyncio.Task[None] | None = None
         self._startup: asyncio.Task[None] | None = None
         self._profile: tuple[str, ActiveProfile] | None = None
         self.admission = Admission(
@@ -113,7 +128,9 @@ class OCRService:
     # -- life cycle ----------------------------------------------------------------------
 
     async def start(self, *, wait: bool = False) -> None:
-        """Start the engine in the background so probes answer while weights load."""
+        """Start the engine in the background so probes answer while weights load (and the intake workers)."""
+        if self._own_intake and self.intake is not None:
+            self._intake_start = asyncio.create_task(asyncio.to_thread(self.intake.start), name="intake-start")
         self._startup = asyncio.create_task(self.engine.start(), name="engine-start")
         self._startup.add_done_callback(self._log_startup)
         if wait:
@@ -134,6 +151,11 @@ class OCRService:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._startup
         await self.engine.close()
+        if self._own_intake and self.intake is not None:
+            if self._intake_start is not None:
+                with contextlib.suppress(Exception):
+                    await self._intake_start  # a start in progress finishes first (it runs in a thread)
+            await asyncio.to_thread(self.intake.close)
 
     def check_started(self) -> None:
         retry_after = self.settings.retry_after_s
@@ -214,7 +236,13 @@ class OCRService:
         Every face opens documents through here: `admit`, `check_admission`, the web page's previews and a job's
         page images.
         """
-        document = await anyio.to_thread.run_sync(partial(open_document, data, limits=self._limits, password=password))
+        document: Document
+        if self.intake is not None:
+            document = await self.intake.open(data, limits=self._limits, password=password)
+        else:
+            document = await anyio.to_thread.run_sync(
+                partial(open_document, data, limits=self._limits, password=password)
+            )
         try:
             yield document, self.select_pages(document, pages)
         finally:
@@ -367,8 +395,13 @@ class OCRService:
         """Render, then generate with the temperature ladder until a clean attempt."""
         started = time.perf_counter()
         number = index + 1
+        image: Image.Image | EncodedPage
         try:
-            image = await anyio.to_thread.run_sync(document.render, index)
+            if isinstance(document, PooledDocument):
+                min_side = self._png_engine.png_min_side if self._png_engine is not None else None
+                image = await document.page(index, png_min_side=min_side)
+            else:
+                image = await anyio.to_thread.run_sync(document.render, index)
         except OCRError as exc:
             return FinishedPage(_failed_page(number, exc, started, attempts=0), [])
         width, height = image.size
@@ -381,7 +414,11 @@ class OCRService:
             sampling = Sampling(temperature, profile.top_p, self.settings.max_new_tokens, prompt=prompt)
             attempts += 1
             try:
-                generation = await self.engine.recognize(image, sampling)
+                if isinstance(image, EncodedPage):
+                    assert self._png_engine is not None  # PNGs are asked for only for such an engine
+                    generation = await self._png_engine.recognize_png(image, sampling)
+                else:
+                    generation = await self.engine.recognize(image, sampling)
             except ServiceUnavailable:
                 raise
             except OCRError as exc:
@@ -454,7 +491,7 @@ class OCRService:
         )
 
 
-def _read_page(text: str, number: int, image: Image.Image, options: ReadOptions) -> ParsedPage:
+def _read_page(text: str, number: int, image: Image.Image | EncodedPage, options: ReadOptions) -> ParsedPage:
     """The kept output as the page's markdown and blocks (grounding markers or -bbox picture boxes read)."""
     width, height = image.size
     if options.mode == "grounding":
@@ -462,6 +499,9 @@ def _read_page(text: str, number: int, image: Image.Image, options: ReadOptions)
     else:
         parsed = read_plain(text, number, width, height)
     if options.images == "inline":
+        if isinstance(image, EncodedPage):
+            # The worker's PNG (gray pages as L, padding right and bottom): decoded only to crop pictures.
+            image = Image.open(io.BytesIO(image.png)).convert("RGB").crop((0, 0, width, height))
         parsed.blocks = inline_pictures(parsed.blocks, image)
     return parsed
 

@@ -61,6 +61,14 @@ def _path_text(value: object) -> object:
     return str(value) if isinstance(value, os.PathLike) else value
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (a container's CPU set), not the machine's: INTAKE_WORKERS' default."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
 class Settings(BaseSettings):
     """Service settings; each field is the lower-case name of its environment variable."""
 
@@ -128,6 +136,10 @@ class Settings(BaseSettings):
     vllm_page_timeout_s: PositiveFloat = 600
     vllm_max_retries: Annotated[int, Field(ge=0, le=10)] = 3
     vllm_retry_backoff_s: Annotated[float, Field(ge=0)] = 0.5
+
+    # Page intake (render, normalise, PNG-encode) in this many worker processes; 0: threads in the service
+    # process; unset: one per usable core (`intake_worker_count`).
+    intake_workers: Annotated[int, Field(ge=0, le=256)] | None = None
 
     # Hugging Face engine.
     hf_max_batch_size: PositiveInt = 8
@@ -214,6 +226,7 @@ class Settings(BaseSettings):
         "render_longest_edge",
         "temperature",
         "top_p",
+        "intake_workers",
         mode="before",
     )
     @classmethod
@@ -229,6 +242,11 @@ class Settings(BaseSettings):
             names = ", ".join(row.name for row in all_profiles())
             raise ValueError(f"not a checkpoint of the profile table; one of {names}")
         return value
+
+    @property
+    def intake_worker_count(self) -> int:
+        """INTAKE_WORKERS, or the usable cores when unset (0: intake in threads of the service process)."""
+        return usable_cores() if self.intake_workers is None else self.intake_workers
 
     def load_api_keys(self) -> frozenset[str]:
         """API_KEYS plus one key per non-blank, non-comment line of API_KEYS_FILE."""

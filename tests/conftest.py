@@ -12,8 +12,10 @@ from typing import Any
 import httpx
 import pytest
 
+from app.intake.pool import IntakePool
 from app.main import create_app
 from app.settings import Settings, load_settings
+from tests.support.intake_gate import Gate
 from tests.support.openai_stub import StubVLLM
 from tests.support.postgres import postgres_server, postgres_url  # noqa: F401  (fixtures: a real PostgreSQL)
 from tests.support.server import ServedApp
@@ -23,8 +25,14 @@ CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
 
 
 def make_settings(**overrides: Any) -> Settings:
-    """Settings for tests: never read the developer's `.env`, never write a job store into the repo."""
+    """Settings for tests: never read the developer's `.env`, never write a job store into the repo.
+
+    Intake runs in threads (INTAKE_WORKERS=0) unless a test asks for workers: starting processes for every
+    service the suite builds would cost seconds on a 2-core box; tests/intake/test_pool.py and the pixel
+    tests run the worker processes (one shared pool, `intake_pool`).
+    """
     overrides.setdefault("jobs_db", Path(tempfile.mkdtemp(prefix="lightonocr-jobs-")) / "jobs.db")
+    overrides.setdefault("intake_workers", 0)
     return load_settings(_env_file=None, **overrides)
 
 
@@ -41,6 +49,30 @@ def wait_ready(url: str, timeout: float = 120.0) -> None:
 def anyio_backend() -> str:
     """The app runs on asyncio (engines and admission use its primitives): async tests run there only."""
     return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def intake_gate(tmp_path_factory: pytest.TempPathFactory) -> Gate:
+    return Gate(tmp_path_factory.mktemp("intake-gate"))
+
+
+@pytest.fixture(scope="session")
+def intake_pool(intake_gate: Gate) -> Iterator[IntakePool]:
+    """Two intake worker processes for the whole session (started once: a few hundred ms each on this box).
+
+    Their handler is the real one behind a gate that holds nothing unless a test asks (`gate`).
+    """
+    pool = IntakePool(2, handler=intake_gate.handler)
+    pool.start()
+    yield pool
+    pool.close()
+
+
+@pytest.fixture
+def gate(intake_gate: Gate) -> Iterator[Gate]:
+    """The shared pool's gate, released (and cleared) when the test ends, whatever happened."""
+    yield intake_gate
+    intake_gate.release()
 
 
 @pytest.fixture(scope="session")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, Self
+from typing import Protocol, Self, runtime_checkable
 
 from PIL import Image
 
 from app.errors import EngineNotReady, ServiceUnavailable
+from app.intake.document import EncodedPage
 from app.results import Generation
 
 
@@ -68,6 +69,20 @@ class Engine(Protocol):
     async def __aenter__(self) -> Self: ...
 
     async def __aexit__(self, *exc: object) -> None: ...
+
+
+@runtime_checkable
+class SendsPng(Protocol):
+    """An engine that sends pages as PNG (vLLM): with intake workers on, it gets the worker's PNG as is.
+
+    `png_min_side`: the worker pads a page to at least this many pixels a side before encoding (the
+    engine's `recognize` would have). The main process then never decodes or re-encodes the page.
+    """
+
+    @property
+    def png_min_side(self) -> int: ...
+
+    async def recognize_png(self, page: EncodedPage, sampling: Sampling) -> Generation: ...
 
 
 def startup_status(engine: Engine) -> tuple[type[ServiceUnavailable], str]:

@@ -29,7 +29,7 @@ from app.engines.fleet import Endpoint, Fleet, display_url
 from app.engines.servers import NotOpenAIShaped, ServedModel, ServerKind, error_message, request_extras, served_models
 from app.errors import EngineError, EngineNotReady, EngineTimeout, EngineUnavailable, PageRejected, ServiceUnavailable
 from app.imaging import encode_png, png_data_url
-from app.intake.document import pad_to_min_side
+from app.intake.document import EncodedPage, pad_to_min_side
 from app.profiles import Profile, active_profile
 from app.results import Generation
 from app.settings import ModelSource, Settings, SettingsError
@@ -305,6 +305,16 @@ class VLLMEngine(EngineBase):
         # Encoding (PNG and base64) happens in a worker thread before taking a slot, so it
         # overlaps with pages in flight and never blocks the event loop.
         payload = await anyio.to_thread.run_sync(self.encode_page, image, sampling)
+        return await self._post_with_retries(payload)
+
+    @property
+    def png_min_side(self) -> int:
+        """app.engines.base.SendsPng: intake workers pad pages to this (the profile's smallest side) and encode them."""
+        return self._profile.min_side
+
+    async def recognize_png(self, page: EncodedPage, sampling: Sampling) -> Generation:
+        """A page an intake worker already padded and encoded (`SendsPng`): only base64 and the body are left."""
+        payload = await anyio.to_thread.run_sync(self.payload, page.png, sampling)
         return await self._post_with_retries(payload)
 
     async def _post_with_retries(self, payload: dict[str, Any]) -> Generation:

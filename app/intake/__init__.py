@@ -5,8 +5,8 @@ Type comes from magic bytes, limits are checked before any expensive work
 rendered one at a time on demand so a long PDF never sits in memory whole.
 """
 
-from app.intake.document import Document, IntakeLimits, open_document
+from app.intake.document import Document, EncodedPage, IntakeLimits, open_document
 from app.intake.pages import parse_page_selection
 from app.intake.sniff import DocType, sniff
 
-__all__ = ["DocType", "Document", "IntakeLimits", "open_document", "parse_page_selection", "sniff"]
+__all__ = ["DocType", "Document", "EncodedPage", "IntakeLimits", "open_document", "parse_page_selection", "sniff"]

@@ -50,6 +50,14 @@ class IntakeLimits:
     longest_edge: int = LONGEST_EDGE
 
 
+@dataclass(frozen=True, slots=True)
+class EncodedPage:
+    """A page already encoded as the PNG an engine sends (by an intake worker); `size` is before any padding."""
+
+    png: bytes
+    size: tuple[int, int]
+
+
 class Document(Protocol):
     """A parsed document whose pages are rendered one at a time."""
 

@@ -1,5 +1,8 @@
 """The page the vLLM engine sends decodes to the reference pipeline's RGB image, pixel for pixel.
 
+Every document test runs twice: intake in this process (INTAKE_WORKERS=0) and in the worker pool,
+where the PNG comes encoded from the worker and the HF engine's RGB image comes back as pixels.
+
 Intake and PNG encoding are tuned for speed (bench/intake.py: render straight to RGB,
 gray pages as 8-bit gray PNG, our own PNG writer, LANCZOS on one channel for gray
 images). None of that may change what the model sees: here the reference pipeline is
@@ -8,11 +11,13 @@ REFERENCE.md written out independently, and the comparison is on decoded bytes.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import math
 import random
 from pathlib import Path
+from typing import Any
 
 import pypdfium2 as pdfium
 import pytest
@@ -21,7 +26,8 @@ from PIL import Image, ImageOps
 from app.engines.base import Sampling
 from app.engines.vllm import VLLMEngine
 from app.imaging import encode_png, is_gray
-from app.intake import DocType, IntakeLimits, open_document, sniff
+from app.intake import DocType, EncodedPage, IntakeLimits, open_document, sniff
+from app.intake.pool import IntakePool
 from tests.conftest import CORPUS, corpus_manifest, make_settings
 from tests.support.documents import make_image, make_marked_image, make_pdf
 
@@ -65,7 +71,17 @@ def reference_image_page(data: bytes, index: int) -> Image.Image:
 
 def sent_image(image: Image.Image) -> Image.Image:
     """Decode the data URL the vLLM engine would POST for `image`, as vLLM does (to RGB)."""
-    payload = ENGINE.encode_page(image, SAMPLING)
+    return decode_payload(ENGINE.encode_page(image, SAMPLING))
+
+
+def assert_same_pixels(actual: Image.Image, expected: Image.Image) -> None:
+    assert actual.mode == expected.mode == "RGB"
+    assert actual.size == expected.size
+    assert actual.tobytes() == expected.tobytes()
+
+
+def decode_payload(payload: dict[str, Any]) -> Image.Image:
+    """The page image in a chat-completions body, decoded as vLLM decodes it (to RGB)."""
     url: str = payload["messages"][0]["content"][0]["image_url"]["url"]
     prefix = "data:image/png;base64,"
     assert url.startswith(prefix)
@@ -76,20 +92,45 @@ def sent_image(image: Image.Image) -> Image.Image:
     return decoded.convert("RGB")
 
 
-def assert_same_pixels(actual: Image.Image, expected: Image.Image) -> None:
-    assert actual.mode == expected.mode == "RGB"
-    assert actual.size == expected.size
-    assert actual.tobytes() == expected.tobytes()
+def reference_page(data: bytes, index: int) -> Image.Image:
+    return reference_pdf_page(data, index) if sniff(data) is DocType.PDF else reference_image_page(data, index)
 
 
-def check_document(data: bytes) -> int:
+@pytest.fixture(params=["threads", "pool"])
+def intake(request: pytest.FixtureRequest) -> IntakePool | None:
+    """None: intake in this process's threads (INTAKE_WORKERS=0); else the shared worker pool."""
+    if request.param == "threads":
+        return None
+    pool: IntakePool = request.getfixturevalue("intake_pool")
+    return pool
+
+
+def check_document(data: bytes, pool: IntakePool | None) -> int:
     """Every page of `data` through intake and the engine's encoding; returns the page count."""
+    if pool is not None:
+        return asyncio.run(check_pooled(pool, data))
     document = open_document(data, limits=LIMITS)
-    is_pdf = sniff(data) is DocType.PDF
     try:
         for index in range(document.page_count):
-            expected = reference_pdf_page(data, index) if is_pdf else reference_image_page(data, index)
-            assert_same_pixels(sent_image(document.render(index)), expected)
+            assert_same_pixels(sent_image(document.render(index)), reference_page(data, index))
+    finally:
+        document.close()
+    return document.page_count
+
+
+async def check_pooled(pool: IntakePool, data: bytes) -> int:
+    """The worker's PNG as the vLLM engine sends it (padded there, never re-encoded), and the HF engine's pixels."""
+    document = await pool.open(data, limits=LIMITS)
+    try:
+        for index in range(document.page_count):
+            expected = reference_page(data, index)
+            png = await document.page(index, png_min_side=ENGINE.png_min_side)
+            assert isinstance(png, EncodedPage)
+            assert png.size == expected.size
+            assert_same_pixels(decode_payload(ENGINE.payload(png.png, SAMPLING)), expected)
+            pixels = await document.page(index, png_min_side=None)
+            assert isinstance(pixels, Image.Image)
+            assert_same_pixels(pixels, expected)
     finally:
         document.close()
     return document.page_count
@@ -104,8 +145,8 @@ def check_document(data: bytes) -> int:
         [(300, 300), (612, 1008), (100, 1400)],  # mixed sizes in one document
     ],
 )
-def test_generated_pdfs(sizes: list[tuple[float, float]]) -> None:
-    assert check_document(make_pdf(len(sizes), page_sizes_pt=sizes)) == len(sizes)
+def test_generated_pdfs(sizes: list[tuple[float, float]], intake: IntakePool | None) -> None:
+    assert check_document(make_pdf(len(sizes), page_sizes_pt=sizes), intake) == len(sizes)
 
 
 @pytest.mark.parametrize(
@@ -126,17 +167,17 @@ def test_generated_pdfs(sizes: list[tuple[float, float]]) -> None:
         ("BMP", {"mode": "L", "page_id": 15}),
     ],
 )
-def test_generated_images(fmt: str, kwargs: dict[str, object]) -> None:
-    assert check_document(make_image(fmt, **kwargs)) >= 1  # type: ignore[arg-type]
+def test_generated_images(fmt: str, kwargs: dict[str, object], intake: IntakePool | None) -> None:
+    assert check_document(make_image(fmt, **kwargs), intake) >= 1  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L"])
-def test_noise_pages_round_trip(mode: str) -> None:
+def test_noise_pages_round_trip(mode: str, intake: IntakePool | None) -> None:
     """Worst case for the PNG filters: random bytes, downscaled from an oversize image."""
     noise = Image.frombytes(mode, (1700, 1300), random.Random(0).randbytes(1700 * 1300 * len(mode)))
     buffer = io.BytesIO()
     noise.save(buffer, format="PNG")
-    assert check_document(buffer.getvalue()) == 1
+    assert check_document(buffer.getvalue(), intake) == 1
 
 
 def test_almost_gray_page_keeps_its_colour() -> None:
@@ -168,14 +209,37 @@ def test_tiny_images_round_trip(size: tuple[int, int]) -> None:
         assert sent.getpixel((27, 27)) == (255, 255, 255)
 
 
-def test_corpus_documents() -> None:
+def test_corpus_documents(intake: IntakePool | None) -> None:
     documents = corpus_manifest()
     checked = 0
     for entry in documents:
         path: Path = CORPUS / entry["file"]
         if not path.exists():
             continue
-        assert check_document(path.read_bytes()) == entry["pages"]
+        assert check_document(path.read_bytes(), intake) == entry["pages"]
         checked += 1
     if checked == 0:
         pytest.skip("no corpus document present")
+
+
+@pytest.mark.parametrize("size", [(1, 7), (9, 1)])
+def test_tiny_images_padded_by_the_worker(size: tuple[int, int], intake_pool: IntakePool) -> None:
+    """The worker pads as the engine would (white, top left), and reports the page's own size."""
+    page = Image.new("RGB", size, (10, 200, 30))
+    buffer = io.BytesIO()
+    page.save(buffer, format="PNG")
+
+    async def sent() -> tuple[Image.Image, tuple[int, int]]:
+        document = await intake_pool.open(buffer.getvalue(), limits=LIMITS)
+        try:
+            png = await document.page(0, png_min_side=ENGINE.png_min_side)
+        finally:
+            document.close()
+        assert isinstance(png, EncodedPage)
+        return decode_payload(ENGINE.payload(png.png, SAMPLING)), png.size
+
+    image, reported = asyncio.run(sent())
+    assert reported == size
+    assert image.size == (28, 28)
+    assert_same_pixels(image.crop((0, 0, *size)), page)
+    assert image.getpixel((27, 27)) == (255, 255, 255)
