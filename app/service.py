@@ -171,7 +171,20 @@ class OCRService:
     async def check_ready(self) -> None:
         """Raise a `ServiceUnavailable` unless a page sent now would be served."""
         self.check_started()
+        self.check_intake()
         await self.engine.check_health()
+
+    def check_intake(self) -> None:
+        """The intake workers this service starts must be up: a page sent before would wait for them."""
+        task = self._intake_start
+        if task is None:
+            return
+        if not task.done():
+            raise ServiceUnavailable("the intake workers are starting", retry_after=self.settings.retry_after_s)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            raise ServiceUnavailable(
+                f"the intake workers could not start: {exc}", retry_after=self.settings.retry_after_s
+            )
 
     # -- admission -----------------------------------------------------------------------
 

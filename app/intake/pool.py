@@ -27,11 +27,14 @@ import logging
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
+import types
 import uuid
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -174,7 +177,8 @@ class IntakePool:
             process = self._context.Process(
                 target=serve, args=(child, self._handler), name=f"lightonocr-intake-{worker.slot}", daemon=True
             )
-            process.start()
+            with _without_main_module():
+                process.start()
             child.close()  # only the worker holds its end: its death is EOF here
         worker.process, worker.conn, worker.pages = process, parent, 0
 
@@ -350,6 +354,24 @@ def _expect(reply: Reply, kind: type[_R]) -> _R:
     if not isinstance(reply, kind):
         raise OCRError(f"intake worker answered {type(reply).__name__}, expected {kind.__name__}")
     return reply
+
+
+@contextlib.contextmanager
+def _without_main_module() -> Iterator[None]:
+    """Start a worker without it re-importing the program that started us (multiprocessing's default).
+
+    A spawned or forkserver child imports the parent's `__main__` (uvicorn's, the CLI's, pytest's, a script's)
+    before it runs: seconds of imports per worker for nothing it needs, and a script without an
+    `if __name__ == "__main__"` guard would run again in every worker. multiprocessing reads `__main__` only
+    to describe it to the child (`spawn.get_preparation_data`), so a bare module stands in while a worker
+    starts (under `_start_lock`); workers import only app.intake.worker and their handler's module.
+    """
+    real = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = real
 
 
 def _remove_stale_dirs(tmp_dir: str | None) -> None:

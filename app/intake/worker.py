@@ -79,6 +79,9 @@ Request = OpenRequest | PageRequest
 Reply = Opened | RenderedPng | RenderedPixels | Failed
 Handler = Callable[[Request], Reply]
 
+# What ps, top and pkill show for a worker (the command line is the forkserver's, shared by all of them).
+PROCESS_NAME = "ocr-intake"
+
 _documents: OrderedDict[tuple[str, str | None], Document] = OrderedDict()
 
 
@@ -118,10 +121,20 @@ def handle(request: Request) -> Reply:
         return Failed(code=exc.code, message=exc.message, details=exc.details)
 
 
+def _name_process(name: str) -> None:
+    """Name the process for ps, top and `pkill ocr-intake` (Linux: /proc/self/comm; elsewhere nothing)."""
+    try:
+        with open("/proc/self/comm", "w") as comm:
+            comm.write(name)
+    except OSError:
+        pass
+
+
 def serve(conn: Connection, handler: Handler) -> None:
     """The worker's loop: one request in, one reply out, until the main process closes the pipe."""
     # Ctrl-C reaches the whole process group: the main process decides when workers stop (it closes the pipe).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _name_process(PROCESS_NAME)
     while True:
         try:
             request = conn.recv()
