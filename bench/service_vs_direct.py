@@ -10,12 +10,17 @@ MODEL_SOURCE=vllm, MAX_CONCURRENT_PAGES=--concurrency) and this script.
 (b) the service fed one 100-page PDF, then 10 concurrent 10-page PDFs (the same 100 pages).
 Each round measures all three back to back; the ratio (b)/(a) is within the round. Target: >= 0.97.
 `--source corpus` builds the 100 pages from ../shared/corpus PDFs (scans: costlier to render).
+`--endpoints N` starts N simulators (a fleet): the direct client spreads pages over them round robin,
+`--concurrency` in flight on each, and the service gets them all in VLLM_BASE_URL (MAX_CONCURRENT_PAGES
+each). "service CPU ms/page" is the service process's own CPU time (/proc/PID/stat utime + stime; intake
+workers are not its children's time) over the 1x100 and 10x10 runs, per page.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -116,6 +121,25 @@ def prerender(data: bytes) -> list[bytes]:
         document.close()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (its own threads; not its children's)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def direct_fleet(base_urls: list[str], pngs: list[bytes], concurrency: int, max_tokens: int) -> float:
+    """Wall seconds for a minimal client spreading pages round robin over `base_urls`, `concurrency` in flight each."""
+    if len(base_urls) == 1:
+        return await direct(base_urls[0], pngs, concurrency, max_tokens)
+    shares = [pngs[index :: len(base_urls)] for index in range(len(base_urls))]
+    started = time.perf_counter()
+    await asyncio.gather(
+        *(direct(url, share, concurrency, max_tokens) for url, share in zip(base_urls, shares, strict=True))
+    )
+    return time.perf_counter() - started
+
+
 async def direct(base_url: str, pngs: list[bytes], concurrency: int, max_tokens: int) -> float:
     """Wall seconds for a minimal client to get every page answered, `concurrency` in flight."""
     bodies = [
@@ -177,6 +201,7 @@ def main() -> None:
     )
     parser.add_argument("--profile", type=Path, help="run the service under cProfile, stats written here")
     parser.add_argument("--service-workers-env", default="", help="extra env for the service, K=V,K=V")
+    parser.add_argument("--endpoints", type=int, default=1, help="simulated vLLM servers (a fleet)")
     args = parser.parse_args()
 
     print_header(f"service vs direct client, {args.concurrency} in flight, simulator speed x{args.speed:g}")
@@ -186,12 +211,12 @@ def main() -> None:
     png_mb = sum(map(len, pngs)) / 1e6
     print(f"source={args.source}: PDF {len(pdf) / 1e6:.1f} MB, PNG {png_mb:.1f} MB for {PAGES} pages")
 
-    sim_port, service_port = free_port(), free_port()
-    sim_url = f"http://127.0.0.1:{sim_port}/v1"
+    sim_ports, service_port = [free_port() for _ in range(args.endpoints)], free_port()
+    sim_urls = [f"http://127.0.0.1:{port}/v1" for port in sim_ports]
     service_env = {
         "MODEL_SOURCE": "vllm",
         "MODEL_NAME": MODEL,
-        "VLLM_BASE_URL": sim_url,
+        "VLLM_BASE_URL": ",".join(sim_urls),
         "MAX_CONCURRENT_PAGES": str(args.concurrency),
         "MAX_NEW_TOKENS": str(args.max_tokens),
         "MAX_FILE_SIZE_MB": str(max(10, 2 * len(pdf) // 1_000_000 + 1)),
@@ -200,8 +225,11 @@ def main() -> None:
     for pair in filter(None, args.service_workers_env.split(",")):
         key, _, value = pair.partition("=")
         service_env[key] = value
+    print(f"service env: {service_env}")
     python = sys.executable
-    simulator = [python, "-m", "bench.simulator", "--port", str(sim_port), "--speed", str(args.speed)]
+    simulators = [
+        [python, "-m", "bench.simulator", "--port", str(port), "--speed", str(args.speed)] for port in sim_ports
+    ]
     profile = ["-m", "cProfile", "-o", str(args.profile)] if args.profile else []
     service = [python, *profile, "-m", "uvicorn", "app.main:app", "--port", str(service_port), "--log-level", "warning"]
     if args.without_blocks:
@@ -211,16 +239,22 @@ def main() -> None:
         )
         service = [python, "-c", patch, "app.main:app", "--port", str(service_port), "--log-level", "warning"]
     rows: list[list[object]] = []
-    with process(simulator) as sim_proc, process(service, service_env) as service_proc:
-        wait_for(f"{sim_url}/models", sim_proc)
+    with contextlib.ExitStack() as stack:
+        sim_procs = [stack.enter_context(process(command)) for command in simulators]
+        service_proc = stack.enter_context(process(service, service_env))
+        for url, sim_proc in zip(sim_urls, sim_procs, strict=True):
+            wait_for(f"{url}/models", sim_proc)
         service_url = f"http://127.0.0.1:{service_port}"
         wait_for(f"{service_url}/ready", service_proc)
-        asyncio.run(direct(sim_url, pngs[:8], args.concurrency, args.max_tokens))  # warm connections
+        asyncio.run(direct_fleet(sim_urls, pngs[:8], args.concurrency, args.max_tokens))  # warm connections
         for round_ in range(1, args.rounds + 1):
-            direct_s = asyncio.run(direct(sim_url, pngs, args.concurrency, args.max_tokens))
+            load = os.getloadavg()[0]
+            direct_s = asyncio.run(direct_fleet(sim_urls, pngs, args.concurrency, args.max_tokens))
+            cpu = cpu_seconds(service_proc.pid)
             one_s = asyncio.run(through_service(service_url, [pdf]))
             ten_s = asyncio.run(through_service(service_url, pieces))
-            stats = httpx.get(f"http://127.0.0.1:{sim_port}/stats").json()
+            cpu = cpu_seconds(service_proc.pid) - cpu
+            in_flight = [httpx.get(url.removesuffix("/v1") + "/stats").json()["max_in_flight"] for url in sim_urls]
             rows.append(
                 [
                     round_,
@@ -229,7 +263,9 @@ def main() -> None:
                     PAGES / ten_s,
                     direct_s / one_s,
                     direct_s / ten_s,
-                    stats["max_in_flight"],
+                    round(1000 * cpu / (2 * PAGES), 2),
+                    "/".join(map(str, in_flight)),
+                    load,
                     os.getloadavg()[0],
                 ]
             )
@@ -241,8 +277,10 @@ def main() -> None:
             "(b) 10x10 pages/s",
             "1x100 / direct",
             "10x10 / direct",
+            "service CPU ms/page",
             "sim max in flight",
-            "load 1m",
+            "load 1m before",
+            "load 1m after",
         ],
         rows,
     )
