@@ -18,8 +18,11 @@ import pytest
 
 from app.intake.pool import IntakePool
 from app.main import create_app
+from tests.api.test_grounding import GROUNDED_PAGE, GROUNDING_MODEL, Answer, crop_of, decode, noise_png
 from tests.conftest import make_settings, wait_ready
 from tests.support.documents import small_pdf
+from tests.support.http import ok
+from tests.support.http import post as post_file
 from tests.support.intake_gate import Gate
 from tests.support.openai_stub import StubVLLM
 from tests.support.server import ServedApp
@@ -92,3 +95,18 @@ def test_every_page_lost_is_the_crash_error(pooled_service: str, gate: Gate) -> 
         response = answer.result()
     assert response.status_code == 500
     assert response.json()["error"]["code"] == "intake_worker_crashed"
+
+
+def test_inline_picture_crops_from_the_workers_png(intake_pool: IntakePool) -> None:
+    """images=inline crops the page the model saw; with workers that page arrives as the worker's PNG."""
+    with StubVLLM(model=GROUNDING_MODEL) as model:
+        answer = Answer(GROUNDED_PAGE)
+        model.responder = answer
+        settings = make_settings(model_source="vllm", vllm_base_url=model.base_url, model_name=model.model)
+        with ServedApp(create_app(settings, intake=intake_pool)) as served:
+            wait_ready(served.url)
+            fields = {"mode": "grounding", "images": "inline"}
+            body = ok(post_file(served.url, noise_png(), "page.png", data=fields))
+    [(_, seen)] = answer.seen
+    picture = next(block for block in body["blocks"] if block.get("picture") == 1)
+    assert decode(picture["image"]).convert("RGB").tobytes() == crop_of(seen, picture["bbox"])
