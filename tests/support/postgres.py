@@ -91,13 +91,14 @@ class PostgresServer:
     data_dir: Path
     port: int
     as_user: list[str] = field(default_factory=list)  # setpriv prefix when we are root
+    durable: bool = False  # True: PostgreSQL's default fsync/commit settings (benchmarks); False: fast, throwaway
     log_file: Path = field(init=False)
 
     def __post_init__(self) -> None:
         self.log_file = self.data_dir.parent / "postgres.log"
 
     @classmethod
-    def start_new(cls, root: Path, *, install: bool = True) -> PostgresServer:
+    def start_new(cls, root: Path, *, install: bool = True, durable: bool = False) -> PostgresServer:
         """initdb a data dir under `root` and start a server on a free loopback port (a few seconds)."""
         bin_dir = find_binaries(install=install)
         as_user: list[str] = []
@@ -130,7 +131,7 @@ class PostgresServer:
         done = subprocess.run(initdb, capture_output=True, text=True, timeout=120, cwd=root)
         if done.returncode != 0:
             raise PostgresUnavailable(f"initdb failed ({done.returncode}): {done.stderr.strip()[-500:]}")
-        server = cls(bin_dir=bin_dir, data_dir=data_dir, port=free_port(), as_user=as_user)
+        server = cls(bin_dir=bin_dir, data_dir=data_dir, port=free_port(), as_user=as_user, durable=durable)
         server.start()
         return server
 
@@ -147,8 +148,10 @@ class PostgresServer:
         # Test settings: loopback only, socket in the data dir (not /var/run), no fsync (throwaway data).
         options = (
             f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories='{self.data_dir}' "
-            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300"
+            "-c max_connections=300"
         )
+        if not self.durable:
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         done = self._pg_ctl("start", "-w", "-t", "60", "-l", str(self.log_file), "-o", options)
         if done.returncode != 0:
             log = self.log_file.read_text(errors="replace")[-1000:] if self.log_file.exists() else ""

@@ -226,9 +226,9 @@ class SqlJobStore:
     async def _run_creating(self, fn: Callable[[Tx], T]) -> T:
         """`fn` in one transaction, creating the database first when there is none yet."""
 
-    @abstractmethod
     def _claim(self, tx: Tx, worker: str, limit: int, lease_until: float, busy: list[str]) -> list[dict[str, Any]]:
         """Lease the pages (rows with job_id, page, attempt): locking is where the stores differ."""
+        raise NotImplementedError  # PostgreSQL claims in one statement of its own (`PostgresJobStore.claim`)
 
     def _mark_running(self, tx: Tx, job_id: str, now: float) -> None:
         """queued -> running at the job's first claim (its ETA counts from here)."""
@@ -409,7 +409,7 @@ class SqlJobStore:
         return await self._run(renew, default=set())
 
     async def complete(self, lease: Lease, page: FinishedPage) -> Completion:
-        payload = _dump_page(page)
+        payload = dump_page(page)
 
         def complete(tx: Tx) -> Completion:
             if self._lock_job(tx, lease.job_id) is None:
@@ -508,7 +508,7 @@ class SqlJobStore:
         return await self._run(delete, default=False)
 
 
-def _dump_page(page: FinishedPage) -> str:
+def dump_page(page: FinishedPage) -> str:
     """The page's result as its JSON, plus its blocks under `blocks` (parsed once, when the page ended)."""
     body = page.result.model_dump(mode="json")
     body["blocks"] = [block.model_dump(mode="json") for block in page.blocks]

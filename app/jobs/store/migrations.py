@@ -128,6 +128,43 @@ POSTGRES: list[str] = [
     );
     CREATE INDEX page_tasks_open ON page_tasks (created_at, job_id, page) WHERE state IN ('todo', 'leased');
     """,
+    # 2: a page's fenced completion in one round trip (the hot path: one call per page). Each statement of a
+    # plpgsql function takes a fresh snapshot, so the page order (`seq`) is read after the job row is locked.
+    """
+    CREATE FUNCTION lightonocr_complete_page(
+        p_job TEXT, p_page INTEGER, p_worker TEXT, p_attempt INTEGER, p_result TEXT, p_now DOUBLE PRECISION
+    ) RETURNS TABLE (accepted BOOLEAN, job_done BOOLEAN) LANGUAGE plpgsql AS $$
+    DECLARE
+        v_seq INTEGER;
+        v_inserted INTEGER;
+        v_left INTEGER;
+    BEGIN
+        PERFORM 1 FROM jobs WHERE id = p_job FOR UPDATE;
+        IF NOT FOUND THEN
+            RETURN QUERY SELECT false, false;
+            RETURN;
+        END IF;
+        UPDATE page_tasks SET state = 'done', lease_until = NULL
+            WHERE job_id = p_job AND page = p_page AND worker = p_worker AND attempt = p_attempt AND state = 'leased';
+        IF NOT FOUND THEN
+            RETURN QUERY SELECT false, false;
+            RETURN;
+        END IF;
+        SELECT COALESCE(MAX(seq), 0) + 1 INTO v_seq FROM pages WHERE job_id = p_job;
+        INSERT INTO pages (job_id, page, result, finished_at, seq) VALUES (p_job, p_page, p_result, p_now, v_seq)
+            ON CONFLICT DO NOTHING;
+        GET DIAGNOSTICS v_inserted = ROW_COUNT;
+        UPDATE jobs SET result_bytes = result_bytes + CASE WHEN v_inserted > 0 THEN length(p_result) ELSE 0 END,
+            updated_at = p_now, waiting = NULL,
+            status = CASE WHEN status = 'queued' THEN 'running' ELSE status END,
+            run_started_at = COALESCE(run_started_at, p_now)
+            WHERE id = p_job;
+        SELECT COUNT(*) INTO v_left FROM page_tasks WHERE job_id = p_job AND state <> 'done';
+        PERFORM pg_notify('lightonocr_jobs', p_job);
+        RETURN QUERY SELECT true, v_left = 0;
+    END
+    $$;
+    """,
 ]
 
 VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"

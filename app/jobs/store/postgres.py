@@ -24,7 +24,8 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
+from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -35,7 +36,8 @@ from psycopg.rows import dict_row
 
 from app.errors import StoreUnavailable
 from app.jobs.store import migrations
-from app.jobs.store.base import OPEN, SqlJobStore, Tx
+from app.jobs.store.base import OPEN, Completion, Lease, SqlJobStore, Tx, dump_page
+from app.results import FinishedPage
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +159,14 @@ class PostgresJobStore(SqlJobStore):
             max_size=self.pool_size,
             open=False,
             timeout=_POOL_TIMEOUT_S,
-            kwargs={"row_factory": dict_row, "connect_timeout": _CONNECT_TIMEOUT_S},
+            # autocommit: the hot calls (claim, complete) are one statement, one round trip; the others open
+            # their transaction explicitly. Asynchronous commit for those hot calls only (see `_transaction`).
+            kwargs={
+                "row_factory": dict_row,
+                "connect_timeout": _CONNECT_TIMEOUT_S,
+                "autocommit": True,
+                "options": "-c synchronous_commit=off",
+            },
             check=psycopg_pool.ConnectionPool.check_connection,
             reconnect_timeout=0,  # never give up reconnecting: the database comes back
             name="jobs",
@@ -172,14 +181,26 @@ class PostgresJobStore(SqlJobStore):
         await self.pool.open()
         self._opened = True
 
-    def _transaction(self, fn: Callable[[Tx], T]) -> T:
+    def _transaction(self, fn: Callable[[Tx], T], *, single: bool = False) -> T:
+        """`fn` in one transaction; `single`: `fn` runs one statement, its own transaction (autocommit).
+
+        Durability: every transaction commits synchronously (a submitted job, a cancel, a job's end survive a
+        database crash) except the single-statement claims and page completions, which commit asynchronously:
+        a database crash may forget the last fraction of a second of them, and those pages are then claimed and
+        computed again after their lease, never half-stored (WAL order is kept). A later synchronous commit (the
+        job's end) flushes every earlier one, so a job never ends without its pages.
+        """
         if not self._opened:  # used without open() (tests, tools): prepare once
             prepare(self.conninfo)
             self.sync_pool.open()
             self._opened = True
         try:
-            with self.sync_pool.connection() as conn, conn.transaction():
-                return fn(_PgTx(conn))
+            with self.sync_pool.connection() as conn:
+                if single:
+                    return fn(_PgTx(conn))
+                with conn.transaction():
+                    conn.execute("SET LOCAL synchronous_commit TO on")
+                    return fn(_PgTx(conn))
         except (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise StoreUnavailable(
@@ -193,6 +214,43 @@ class PostgresJobStore(SqlJobStore):
     async def _run_creating(self, fn: Callable[[Tx], T]) -> T:
         return await anyio.to_thread.run_sync(self._transaction, fn)
 
+    async def _run_single(self, fn: Callable[[Tx], T]) -> T:
+        return await anyio.to_thread.run_sync(partial(self._transaction, fn, single=True))
+
+    async def claim(self, worker: str, *, limit: int, lease_s: float, busy_owners: Collection[str] = ()) -> list[Lease]:
+        """One statement: lease the pages (SKIP LOCKED) and mark their job running (never waiting for it)."""
+        now = self.clock()
+        busy = sorted(set(busy_owners))
+        prefer = "(t.owner = ANY(?)), " if busy else ""
+        params: list[Any] = [now, busy] if busy else [now]
+        sql = f"""
+            WITH pick AS (
+                SELECT t.job_id FROM page_tasks t WHERE {OPEN}
+                ORDER BY {prefer}t.created_at, t.job_id, t.page LIMIT 1 FOR UPDATE SKIP LOCKED
+            ), batch AS (
+                SELECT t.job_id, t.page FROM page_tasks t JOIN pick ON t.job_id = pick.job_id WHERE {OPEN}
+                ORDER BY t.page LIMIT ? FOR UPDATE OF t SKIP LOCKED
+            ), running AS (
+                UPDATE jobs SET status = 'running', run_started_at = ?, updated_at = ? WHERE id IN
+                    (SELECT id FROM jobs WHERE id = (SELECT job_id FROM pick) AND status = 'queued'
+                     FOR UPDATE SKIP LOCKED)
+            )
+            UPDATE page_tasks u SET state = 'leased', worker = ?, attempt = u.attempt + 1, lease_until = ?
+            FROM batch WHERE u.job_id = batch.job_id AND u.page = batch.page
+            RETURNING u.job_id, u.page, u.attempt
+            """
+        values = [*params, now, limit, now, now, worker, now + lease_s]
+        rows = await self._run_single(lambda tx: tx.rows(sql, values))
+        return sorted(Lease(row["job_id"], row["page"], worker, row["attempt"]) for row in rows)
+
+    async def complete(self, lease: Lease, page: FinishedPage) -> Completion:
+        """One call of `lightonocr_complete_page` (migration 2): the fenced completion in one round trip."""
+        values = (lease.job_id, lease.page, lease.worker, lease.attempt, dump_page(page), self.clock())
+        rows = await self._run_single(
+            lambda tx: tx.rows("SELECT accepted, job_done FROM lightonocr_complete_page(?, ?, ?, ?, ?, ?)", values)
+        )
+        return Completion(bool(rows[0]["accepted"]), bool(rows[0]["job_done"]))
+
     async def ping(self) -> None:
         await self._run(lambda tx: tx.run("SELECT 1"), default=0)
 
@@ -200,37 +258,8 @@ class PostgresJobStore(SqlJobStore):
         found = tx.rows("SELECT status FROM jobs WHERE id = ? FOR UPDATE", (job_id,))
         return found[0] if found else None
 
-    def _mark_running(self, tx: Tx, job_id: str, now: float) -> None:
-        """As on SQLite, but never waiting for the job row: a cancel holding it locks pages after the job (no
-        deadlock); a job left `queued` here turns `running` with its first stored page."""
-        tx.run(
-            "UPDATE jobs SET status = 'running', run_started_at = ?, updated_at = ? WHERE id IN "
-            "(SELECT id FROM jobs WHERE id = ? AND status = 'queued' FOR UPDATE SKIP LOCKED)",
-            (now, now, job_id),
-        )
-
     def _notify(self, tx: Tx, job_id: str) -> None:
         tx.rows(f"SELECT pg_notify('{NOTIFY_CHANNEL}', ?)", (job_id,))
-
-    def _claim(self, tx: Tx, worker: str, limit: int, lease_until: float, busy: list[str]) -> list[dict[str, Any]]:
-        now = self.clock()
-        prefer = "(t.owner = ANY(?)), " if busy else ""
-        params: list[Any] = [now, busy] if busy else [now]
-        return tx.rows(
-            f"""
-            WITH pick AS (
-                SELECT t.job_id FROM page_tasks t WHERE {OPEN}
-                ORDER BY {prefer}t.created_at, t.job_id, t.page LIMIT 1 FOR UPDATE SKIP LOCKED
-            ), batch AS (
-                SELECT t.job_id, t.page FROM page_tasks t JOIN pick ON t.job_id = pick.job_id WHERE {OPEN}
-                ORDER BY t.page LIMIT ? FOR UPDATE OF t SKIP LOCKED
-            )
-            UPDATE page_tasks u SET state = 'leased', worker = ?, attempt = u.attempt + 1, lease_until = ?
-            FROM batch WHERE u.job_id = batch.job_id AND u.page = batch.page
-            RETURNING u.job_id, u.page, u.attempt
-            """,
-            [*params, now, limit, worker, lease_until],
-        )
 
     async def aclose(self) -> None:
         if self._opened:
