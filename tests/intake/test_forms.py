@@ -7,7 +7,12 @@ from PIL import Image, ImageChops
 
 from app.intake import IntakeLimits, open_document
 from app.intake.document import pdf_scale
+from app.main import create_app
+from tests.conftest import make_settings, wait_ready
 from tests.support.documents import make_pdf
+from tests.support.http import ok, post
+from tests.support.openai_stub import Reply, StubRequest, StubVLLM
+from tests.support.server import ServedApp
 
 LIMITS = IntakeLimits(max_image_pixels=100_000_000)
 PAGE = (612, 792)
@@ -105,3 +110,24 @@ def test_pages_without_form_fields_are_pixel_identical_to_the_reference() -> Non
             assert image.tobytes() == reference.tobytes()
     finally:
         pdf.close()
+
+
+def test_the_model_gets_the_field_value_through_the_service() -> None:
+    """End to end (intake workers -> vLLM engine -> stand-in): the page the model receives shows the value."""
+    seen: list[Image.Image] = []
+
+    def responder(request: StubRequest) -> Reply:
+        seen.append(request.image)
+        return Reply(text="form")
+
+    with StubVLLM(responder) as stub:
+        settings = make_settings(model_source="vllm", vllm_base_url=stub.base_url, retry_temperatures="")
+        served = ServedApp(create_app(settings)).start()
+        try:
+            wait_ready(served.url, timeout=60)
+            ok(post(served.url, filled_form_pdf("Jane Q. Public 1984")))
+        finally:
+            served.stop()
+    [image] = seen
+    assert image.size == reference_render(filled_form_pdf("x")).size
+    assert dark_pixels(field_box(image)) > 200
