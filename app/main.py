@@ -78,11 +78,13 @@ def create_app(
         outbox = Outbox(jobs.store, WebhookSender.from_settings(settings))
         jobs.feed.on_end(lambda _: outbox.notify())
         app.state.outbox = outbox
-        shared = shared_limits(service, jobs.store, outbox.worker, settings)
+        shared: SharedAdmission | None = None
         try:
-            await jobs.start()  # after the engine starts: opens the store (and its pool), resumes unfinished jobs
+            await jobs.store.open()  # the PostgreSQL pool exists from here: the limits, outbox and events use it
+            shared = shared_limits(service, jobs.store, outbox.worker, settings)
             if shared is not None:
                 await shared.start()
+            await jobs.start()  # after the engine starts: resumes unfinished jobs
             await outbox.start()  # webhooks of jobs finished here or by any replica, dead ones included
             yield
         finally:

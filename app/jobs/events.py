@@ -96,7 +96,7 @@ async def job_events(
         while True:
             for page in await store.page_log(job_id, after=seen):
                 seen += 1
-                yield PageEvent(page=page.result)
+                yield PageEvent(page=page.result, blocks=page.blocks)
                 yield ProgressEvent(done=seen, total=total)
             current = await store.get(job_id)
             if current is None:
@@ -107,7 +107,7 @@ async def job_events(
                 # The end is stored after the job's last page: read once more for pages stored just before it.
                 for page in await store.page_log(job_id, after=seen):
                     seen += 1
-                    yield PageEvent(page=page.result)
+                    yield PageEvent(page=page.result, blocks=page.blocks)
                     yield ProgressEvent(done=seen, total=total)
                 yield await _final(store, assemble, current)
                 return

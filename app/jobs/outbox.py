@@ -276,7 +276,7 @@ class Outbox:
     ) -> None:
         self.store = store
         self.sender = sender
-        self.backend = backend if backend is not None else backend_for(store)
+        self._backend = backend  # None: the store's own, once the store is open (its pool exists then)
         self.worker = worker or replica_name()
         self.poll_s = poll_s
         self.clock = clock
@@ -284,6 +284,12 @@ class Outbox:
         self.lease_s = sender.timeout_s + 10
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def backend(self) -> OutboxBackend:
+        if self._backend is None:
+            self._backend = backend_for(self.store)
+        return self._backend
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="webhook-outbox")
@@ -300,7 +306,8 @@ class Outbox:
                 await self._task
             self._task = None
         await self.sender.aclose()
-        await self.backend.close()
+        if self._backend is not None:
+            await self._backend.close()
 
     @property
     def alive(self) -> bool:

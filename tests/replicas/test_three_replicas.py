@@ -50,6 +50,8 @@ class Engine:
     def __init__(self, delay_s: float) -> None:
         self.delay_s = delay_s
         self.key_of: dict[str, tuple[int, int]] = {}  # image sha -> (width, page)
+        self.go = threading.Event()  # pages wait until every job is submitted: the kill finds work left
+        self.go.set()
         self._lock = threading.Lock()
 
     async def __call__(self, request: StubRequest) -> Reply:
@@ -58,6 +60,8 @@ class Engine:
         key = (request.image.width, page)
         with self._lock:
             self.key_of[request.sha256] = key
+        if not self.go.is_set():
+            await asyncio.to_thread(self.go.wait, 60)
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         return Reply(text=f"# Page {page} of the {request.image.width} px document\n\nBody of page {page}.")
@@ -122,7 +126,8 @@ def test_three_replicas_one_killed(jobs_db: str, tmp_path: Path, receiver: tuple
     with StubVLLM(engine) as stub:
         expected = single_process_results(stub, tmp_path)
         stub.reset()
-        engine.delay_s = 0.05  # pages take a moment: the kill finds some in flight
+        engine.delay_s = 0.1  # pages take a moment: the kill finds some in flight
+        engine.go.clear()
         env = replica_env(
             stub.base_url,
             jobs_db,
@@ -143,6 +148,7 @@ def test_three_replicas_one_killed(jobs_db: str, tmp_path: Path, receiver: tuple
                 )
                 assert response.status_code == 202, response.text
                 ids.append(response.json()["id"])
+            engine.go.set()
             followed: list[dict[str, Any]] = []
             follower = threading.Thread(target=follow, args=(c.url, ids[JOBS - 1], followed), daemon=True)
             follower.start()
@@ -154,7 +160,7 @@ def test_three_replicas_one_killed(jobs_db: str, tmp_path: Path, receiver: tuple
                 time.sleep(0.05)
             b.kill9()
             killed_at = pages_done(c, ids)
-            while pages_done(c, ids) < killed_at + PAGES:
+            while pages_done(c, ids) < min(killed_at + PAGES, JOBS * PAGES):
                 assert time.monotonic() < deadline, "no progress after the kill"
                 time.sleep(0.05)
             b.start()
@@ -212,6 +218,10 @@ def test_three_replicas_one_killed(jobs_db: str, tmp_path: Path, receiver: tuple
             delivered = Counter(json.loads(body)["id"] for _, body in hook.received)
             assert delivered == dict.fromkeys(ids, 1)
             assert stub.violations == []
+        except BaseException:
+            for replica in replicas:  # what each replica said, for the failure report
+                print(f"----- {replica.name} (log {replica.log}) -----\n{replica.tail(6000)}")
+            raise
         finally:
             for replica in replicas:
                 replica.kill9()
