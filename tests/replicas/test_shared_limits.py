@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -51,7 +52,8 @@ async def replica(pool: AsyncConnectionPool) -> AsyncIterator[Replica]:
 
 async def settled(condition: Callable[[], Any]) -> None:
     """Until `condition()` (an awaitable) holds: publishing is asynchronous; bounded, no fixed sleep."""
-    for _ in range(500):
+    deadline = time.monotonic() + 30  # generous: two shared cores under load
+    while time.monotonic() < deadline:
         if await condition():
             return
         await asyncio.sleep(0.01)
