@@ -87,6 +87,7 @@ class JobRunner:
         self._stopping = False
         self._dead: str | None = None  # why a background loop ended, once one has
         self._store_down: str | None = None  # the last store failure seen by the loop, until a call succeeds
+        self.pages_kept = 0  # finished pages held in memory because the store could not take them (yet)
 
     @classmethod
     def from_settings(cls, settings: Settings, service: OCRService) -> JobRunner:
@@ -299,20 +300,27 @@ class JobRunner:
     async def _complete(self, lease: Lease, page: FinishedPage) -> Completion:
         """Store the page (fenced); while the store is unreachable, keep it and retry until it is back."""
         delay = _STORE_RETRY_S
-        while True:
-            try:
-                completion = await self.store.complete(lease, page)
-            except StoreUnavailable as exc:
-                if delay == _STORE_RETRY_S:  # one line per page, not one per retry
-                    log.warning("job %s page %d finished; store unreachable (%s): keeping it until the store is back",
-                                lease.job_id, lease.page, exc.message)  # fmt: skip
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            if not completion.accepted:
-                log.info("job %s page %d: result refused (no longer the lease holder, or the job ended)",
-                         lease.job_id, lease.page)  # fmt: skip
-            return completion
+        kept = False
+        try:
+            while True:
+                try:
+                    completion = await self.store.complete(lease, page)
+                    break
+                except StoreUnavailable as exc:
+                    if not kept:  # one line per page, not one per retry
+                        kept = True
+                        self.pages_kept += 1
+                        log.warning("job %s page %d finished; store unreachable (%s): keeping it until it is back",
+                                    lease.job_id, lease.page, exc.message)  # fmt: skip
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+        finally:
+            if kept:
+                self.pages_kept -= 1
+        if not completion.accepted:
+            log.info("job %s page %d: result refused (no longer the lease holder, or the job ended)",
+                     lease.job_id, lease.page)  # fmt: skip
+        return completion
 
     async def _finalize(self, job_id: str) -> None:
         """Every page is stored: assemble the document and end the job (idempotent: one finish wins)."""

@@ -9,8 +9,10 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import anyio
 import pytest
 
+from app.errors import StoreUnavailable
 from app.jobs import JobRecord, JobRunner, NewJob, PostgresJobStore, SqliteJobStore
 from app.jobs.store import SqlJobStore
 from app.results import Generation
@@ -18,6 +20,7 @@ from app.service import OCRService
 from tests.conftest import make_settings
 from tests.support.documents import make_pdf
 from tests.support.engines import FakeEngine
+from tests.support.postgres import PASSWORD, start_postgres
 
 pytestmark = pytest.mark.anyio
 
@@ -172,3 +175,45 @@ async def test_a_dead_workers_pages_are_taken_over_once_its_lease_expired(
         assert await ended(store, record.id) == "succeeded"
     assert sorted(engine.asked) == [1, 2, 3, 4]
     assert not (await store.complete(dead[0], (await store.pages(record.id))[0])).accepted  # the dead one is fenced
+
+
+async def test_the_database_lost_while_pages_run_loses_nothing() -> None:
+    """PostgreSQL stops while a batch is at the engine: readiness and submissions answer store_unavailable, the
+    pages finish and are kept, and are stored once the database is back; no page is computed twice."""
+    server = start_postgres()
+    try:
+        store = PostgresJobStore(server.create_database(), ttl_s=3600, max_bytes=10**8, pool_size=4)
+        record = await submit(store, 4)
+        at_engine: asyncio.Queue[int] = asyncio.Queue()
+        go = asyncio.Event()
+
+        async def held(page: int) -> Generation:
+            at_engine.put_nowait(page)
+            await go.wait()
+            return Generation(text=f"page {page}", finish_reason="stop", tokens=2)
+
+        async with runner(store, held, concurrency=1, batch=4) as (jobs, engine):
+            async with asyncio.timeout(10):
+                for _ in range(4):
+                    await at_engine.get()
+            await anyio.to_thread.run_sync(server.stop)
+            with pytest.raises(StoreUnavailable) as down:
+                await jobs.check_store()
+            assert down.value.status == 503
+            assert down.value.code == "store_unavailable"
+            assert PASSWORD not in down.value.message
+            with pytest.raises(StoreUnavailable):
+                await submit(store, 1)
+            go.set()  # the pages finish while the database is away: kept, and retried
+
+            async def kept() -> bool:
+                return jobs.pages_kept > 0
+
+            await until(kept, within=30)  # a finished page could not be stored, and is kept (stored one by one)
+            await anyio.to_thread.run_sync(server.start)
+            assert await ended(store, record.id) == "succeeded"
+            await jobs.check_store()
+        assert sorted(engine.asked) == [1, 2, 3, 4]  # each page computed once
+        assert [p.result.text for p in await store.pages(record.id)] == [f"page {n}" for n in range(1, 5)]
+    finally:
+        await anyio.to_thread.run_sync(server.destroy)

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 
 from app.jobs import NewJob, SqliteJobStore
 from tests.conftest import ServiceFactory
@@ -34,7 +35,7 @@ PAGES, ANSWERED_FIRST = 5, 2
 
 
 @contextmanager
-def service_process(stub: StubVLLM, jobs_db: Path, log: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def service_process(stub: StubVLLM, jobs_db: Path | str, log: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     port = free_port()
     env = {
         **os.environ,
@@ -69,7 +70,15 @@ def service_process(stub: StubVLLM, jobs_db: Path, log: Path) -> Iterator[tuple[
         process.wait(10)
 
 
-def test_kill_9_mid_job_then_resume(tmp_path: Path) -> None:
+@pytest.fixture(params=["sqlite", "postgres"])
+def jobs_db(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    """A SQLite file, or a fresh database on the test session's PostgreSQL."""
+    if request.param == "sqlite":
+        return tmp_path / "jobs.db"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+def test_kill_9_mid_job_then_resume(tmp_path: Path, jobs_db: Path | str) -> None:
     restarted = threading.Event()
     page_of: dict[str, int] = {}
 
@@ -81,7 +90,7 @@ def test_kill_9_mid_job_then_resume(tmp_path: Path) -> None:
             await asyncio.to_thread(restarted.wait, 60)  # held until the first process is dead
         return Reply(text=f"page {page}")
 
-    jobs_db, log = tmp_path / "jobs.db", tmp_path / "service.log"
+    log = tmp_path / "service.log"
     with StubVLLM(responder) as stub:
         try:
             with service_process(stub, jobs_db, log) as (url, process):

@@ -18,6 +18,7 @@ from app.jobs.store import SqlJobStore, migrations
 from app.results import Block, FinishedPage, PageError, PageResult
 from app.settings import SettingsError, check_jobs_db
 from tests.support.postgres import PASSWORD, PostgresServer
+from tests.test_main import assert_one_line_naming, start
 
 pytestmark = pytest.mark.anyio
 
@@ -467,3 +468,13 @@ def test_an_unreachable_database_stops_start_up_with_the_url_and_the_reason(
     closed = url.replace(f":{postgres_server.port}/", ":9/")  # nothing listens on port 9
     with pytest.raises(SettingsError, match=r"postgresql://ocr:\*\*\*@127\.0\.0\.1:9/nosuchdb: .*(refused|failed)"):
         check_jobs_db(closed)
+
+
+def test_the_service_does_not_start_on_an_unreachable_database(tmp_path: Path) -> None:
+    """A real uvicorn start: exit 3, one line naming JOBS_DB with the URL (password hidden) and the reason."""
+    done = start(tmp_path, {"JOBS_DB": "postgresql://ocr:topsecret@127.0.0.1:9/jobs"})
+    assert_one_line_naming(
+        done, "JOBS_DB: cannot use the PostgreSQL job store at postgresql://ocr:***@127.0.0.1:9/jobs"
+    )
+    assert "topsecret" not in done.stderr
+    assert "Connection refused" in done.stderr

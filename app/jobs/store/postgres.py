@@ -46,7 +46,8 @@ T = TypeVar("T")
 NOTIFY_CHANNEL = "lightonocr_jobs"
 _MIGRATION_LOCK = 7_420_512_012  # pg_advisory_xact_lock key: one migrator at a time
 _CONNECT_TIMEOUT_S = 5
-_POOL_TIMEOUT_S = 5.0  # how long a call waits for a connection before answering store_unavailable
+_POOL_TIMEOUT_S = 5.0
+_PING_TIMEOUT_S = 1.0  # how long a call waits for a connection before answering store_unavailable
 
 
 def is_postgres_url(value: str) -> bool:
@@ -181,7 +182,7 @@ class PostgresJobStore(SqlJobStore):
         await self.pool.open()
         self._opened = True
 
-    def _transaction(self, fn: Callable[[Tx], T], *, single: bool = False) -> T:
+    def _transaction(self, fn: Callable[[Tx], T], *, single: bool = False, timeout: float | None = None) -> T:
         """`fn` in one transaction; `single`: `fn` runs one statement, its own transaction (autocommit).
 
         Durability: every transaction commits synchronously (a submitted job, a cancel, a job's end survive a
@@ -195,7 +196,7 @@ class PostgresJobStore(SqlJobStore):
             self.sync_pool.open()
             self._opened = True
         try:
-            with self.sync_pool.connection() as conn:
+            with self.sync_pool.connection(timeout=timeout) as conn:
                 if single:
                     return fn(_PgTx(conn))
                 with conn.transaction():
@@ -252,7 +253,9 @@ class PostgresJobStore(SqlJobStore):
         return Completion(bool(rows[0]["accepted"]), bool(rows[0]["job_done"]))
 
     async def ping(self) -> None:
-        await self._run(lambda tx: tx.run("SELECT 1"), default=0)
+        """Readiness: answers within about a second even while the database is away (probes time out)."""
+        await anyio.to_thread.run_sync(partial(self._transaction, lambda tx: tx.run("SELECT 1"), single=True,
+                                               timeout=_PING_TIMEOUT_S))  # fmt: skip
 
     def _lock_job(self, tx: Tx, job_id: str) -> dict[str, Any] | None:
         found = tx.rows("SELECT status FROM jobs WHERE id = ? FOR UPDATE", (job_id,))
