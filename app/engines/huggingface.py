@@ -402,7 +402,12 @@ def min_side_of(processor: Any) -> int:
     )
     if isinstance(patch, dict):
         patch = max(int(patch.get("height", 0)), int(patch.get("width", 0))) or None
-    merge = getattr(processor, "spatial_merge_size", None) or 1
+    # LightOnOcr's processor says spatial_merge_size; Qwen's image processor says merge_size (16 x 2 = 32).
+    merge = (
+        getattr(processor, "spatial_merge_size", None)
+        or getattr(getattr(processor, "image_processor", None), "merge_size", None)
+        or 1
+    )
     if isinstance(patch, int) and isinstance(merge, int) and patch > 0:
         return patch * merge
     return 28

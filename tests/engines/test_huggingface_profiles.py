@@ -11,12 +11,13 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
 
 from app.engines.base import Sampling
-from app.engines.huggingface import HuggingFaceEngine, architecture_of, conversation
+from app.engines.huggingface import HuggingFaceEngine, architecture_of, conversation, min_side_of
 from app.errors import EngineUnavailable
 from app.main import create_app
 from app.profiles import GROUNDING_PROMPT
@@ -129,3 +130,9 @@ async def test_3_4b_prompt_turns_thinking_off_and_carries_grounding(tiny_3_4b: P
         )
         generation = await engine.recognize(make_marked_image(1, 200, 260), Sampling(0.2, 1.0, 4, GROUNDING_PROMPT))
     assert generation.tokens > 0
+
+
+def test_the_qwen_processor_min_side_is_patch_times_merge() -> None:
+    """Qwen3.5-VL's image processor: patch 16, merge 2 -> a page side shorter than 32 px is padded."""
+    qwen_like = SimpleNamespace(image_processor=SimpleNamespace(patch_size=16, merge_size=2))
+    assert min_side_of(qwen_like) == 32
