@@ -655,7 +655,7 @@ class _LatencyResponder:
     latency_s: float = 0.0
 
     def __call__(self, request: StubRequest) -> Reply:
-        return Reply(text=describe(request.image), delay_s=self.latency_s)
+        return Reply(text=default_responder(request).text, delay_s=self.latency_s)  # grounding markers when asked
 
 
 def main(argv: list[str] | None = None) -> None:
