@@ -511,7 +511,7 @@ def _read_page(text: str, number: int, image: Image.Image | EncodedPage, options
         parsed = read_grounding(text, number, width, height, drop_headers_footers=options.drop_headers_footers)
     else:
         parsed = read_plain(text, number, width, height)
-    if options.images == "inline":
+    if options.images == "inline" and any(block.picture and block.bbox for block in parsed.blocks):
         if isinstance(image, EncodedPage):
             # The worker's PNG (gray pages as L, padding right and bottom): decoded only to crop pictures.
             image = Image.open(io.BytesIO(image.png)).convert("RGB").crop((0, 0, width, height))

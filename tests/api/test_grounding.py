@@ -79,11 +79,14 @@ def service(vllm_service: ServiceFactory, model_stub: StubVLLM) -> ServiceFactor
     return start
 
 
-def test_grounding_blocks_boxes_and_inline_crops(service: ServiceFactory, model_stub: StubVLLM) -> None:
+@pytest.mark.parametrize("intake_workers", [None, 0])  # pages rendered in worker processes (PNG) or in-process
+def test_grounding_blocks_boxes_and_inline_crops(
+    service: ServiceFactory, model_stub: StubVLLM, intake_workers: int | None
+) -> None:
     answer = Answer(GROUNDED_PAGE)
     model_stub.responder = answer
     fields = {"mode": "grounding", "images": "inline", "drop_headers_footers": "true"}
-    body = ok(post(service(), noise_png(), "page.png", data=fields))
+    body = ok(post(service(intake_workers=intake_workers), noise_png(), "page.png", data=fields))
     assert model_stub.violations == []
     [(prompt, seen)] = answer.seen
     assert prompt == "grounding"
