@@ -32,8 +32,10 @@ from app.api.upload import LINGER_MIN_BYTES, LingeringClose
 from app.engines import Engine
 from app.intake.pool import IntakePool
 from app.jobs import JobRunner, WebhookSender
+from app.jobs.events import NotifyListener
 from app.jobs.limits import PostgresLimits
 from app.jobs.outbox import Outbox
+from app.jobs.store.postgres import NOTIFY_CHANNEL
 from app.logs import setup_logging
 from app.metrics import Metrics
 from app.service import OCRService
@@ -52,6 +54,14 @@ def shared_limits(service: OCRService, store: object, replica: str, settings: Se
     shared = SharedAdmission.like(service.admission, PostgresLimits(pool), replica=replica, lease_s=lease_s)
     service.admission = shared
     return shared
+
+
+def notify_listener(jobs: JobRunner) -> NotifyListener | None:
+    """With PostgreSQL, followers of a job hear of pages stored by any replica at once (LISTEN/NOTIFY)."""
+    conninfo = getattr(jobs.store, "conninfo", None)
+    if not isinstance(conninfo, str):
+        return None
+    return NotifyListener(conninfo, jobs.feed, NOTIFY_CHANNEL)
 
 
 def create_app(
@@ -79,17 +89,23 @@ def create_app(
         jobs.feed.on_end(lambda _: outbox.notify())
         app.state.outbox = outbox
         shared: SharedAdmission | None = None
+        listener: NotifyListener | None = None
         try:
             await jobs.store.open()  # the PostgreSQL pool exists from here: the limits, outbox and events use it
             shared = shared_limits(service, jobs.store, outbox.worker, settings)
             if shared is not None:
                 await shared.start()
+            listener = notify_listener(jobs)
+            if listener is not None:
+                await listener.start()
             await jobs.start()  # after the engine starts: resumes unfinished jobs
             await outbox.start()  # webhooks of jobs finished here or by any replica, dead ones included
             yield
         finally:
             await finish_cut_requests(app)  # requests cut past the grace period answer 503 shutting_down
             await outbox.stop()
+            if listener is not None:
+                await listener.stop()
             if shared is not None:
                 await shared.stop()
             await jobs.stop()  # before the engine closes; running jobs stay `running` and resume next start

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncGenerator, Callable
 from typing import Protocol
 
@@ -24,6 +25,8 @@ from app.errors import JobCancelled, JobNotFound, OCRError
 from app.events import ErrorEvent, ErrorInfo, Event, PageEvent, ProgressEvent, ResultEvent, StartEvent
 from app.jobs.store import JobRecord, JobStore
 from app.results import DocumentResult, FinishedPage
+
+log = logging.getLogger(__name__)
 
 POLL_S = 1.0  # the fallback when no notification comes: a follower is never later than this
 
@@ -133,6 +136,46 @@ async def _final(store: JobStore, assemble: Assemble, record: JobRecord) -> Even
     except OCRError as exc:  # settings changed since it finished (say, a lower MAX_FAILED_PAGE_RATIO)
         return ErrorEvent(error=ErrorInfo.of(exc))
     return ResultEvent(result=result)
+
+
+class NotifyListener:
+    """Forwards PostgreSQL notifications on the store's channel (payload: a job id) to a `JobFeed`.
+
+    One connection of its own (LISTEN needs it to stay open); when it drops it is opened again after a second,
+    and followers meanwhile fall back on the feed's poll.
+    """
+
+    def __init__(self, conninfo: str, feed: JobFeed, channel: str) -> None:
+        self.conninfo = conninfo
+        self.feed = feed
+        self.channel = channel
+        self.listening = asyncio.Event()  # set while LISTEN is in place (tests, readiness)
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="jobs-listen")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _loop(self) -> None:
+        import psycopg  # only with PostgreSQL
+
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True) as conn:
+                    await conn.execute(f"LISTEN {self.channel}")
+                    self.listening.set()
+                    async for notification in conn.notifies():
+                        self.feed.notify(notification.payload)
+            except Exception as exc:  # the database went away: poll meanwhile, listen again soon
+                log.warning("job events: LISTEN connection lost (%s); followers poll until it is back", exc)
+            self.listening.clear()
+            await asyncio.sleep(1.0)
 
 
 def event_id(event: Event) -> int | None:

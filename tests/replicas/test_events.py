@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -189,3 +190,25 @@ async def test_page_log_is_stored_order_and_skips_what_was_read(db: Path) -> Non
     assert await log(3) == []
     assert [p.page for p in await store.pages(record.id)] == [1, 2, 3]  # page order, unchanged
     store.close()
+
+
+@pytest.mark.anyio
+async def test_a_notification_from_another_connection_wakes_followers_at_once(postgres_url: str) -> None:
+    """LISTEN/NOTIFY: a page stored by another replica wakes this replica's followers, not its poll (an hour here)."""
+    import psycopg
+
+    from app.jobs.events import JobFeed, NotifyListener
+    from app.jobs.store.postgres import NOTIFY_CHANNEL
+
+    feed = JobFeed(poll_s=3600)
+    listener = NotifyListener(postgres_url, feed, NOTIFY_CHANNEL)
+    await listener.start()
+    try:
+        await asyncio.wait_for(listener.listening.wait(), 30)
+        mine, other = feed.subscribe("job-1"), feed.subscribe("job-2")
+        async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as conn:
+            await conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, "job-1"))
+        await asyncio.wait_for(feed.wait(mine), 30)  # returns at once when notified; the poll is an hour
+        assert not other.is_set()
+    finally:
+        await listener.stop()
