@@ -151,7 +151,8 @@ def find_profile(name: str) -> Profile | None:
     key = _key(name)
     if key in PROFILES:
         return PROFILES[key]
-    prefixed = [row for known, row in PROFILES.items() if key.startswith(known + "-")]
+    # A derivative's name extends the checkpoint's: `-finetuned`, `_Q8_0`, `.gguf` (llama.cpp files and aliases).
+    prefixed = [row for known, row in PROFILES.items() if key.startswith((known + "-", known + "_", known + "."))]
     return max(prefixed, key=lambda row: len(row.name), default=None)
 
 

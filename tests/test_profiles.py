@@ -54,6 +54,8 @@ def test_the_table_is_reference_md() -> None:
         ("lightonai/LightOnOCR-2-1B-bbox", "LightOnOCR-2-1B-bbox"),  # not taken for its prefix 2-1B
         ("me/LightOnOCR-2-1B-bbox-finetuned", "LightOnOCR-2-1B-bbox"),  # a derivative: the longest known prefix
         ("LightOnOCR-3-1B-2610", "LightOnOCR-3-1B"),
+        ("LightOnOCR-2-1B.Q8_0.gguf", "LightOnOCR-2-1B"),  # a llama.cpp file name
+        ("lightonocr-3-4b_bf16", "LightOnOCR-3-4B"),
     ],
 )
 def test_names_find_their_row(name: str, row: str) -> None:
