@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -15,7 +16,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from app.engines.base import Sampling
-from app.engines.vllm import VLLMEngine
+from app.engines.vllm import VLLMEngine, json_body
 from app.errors import EngineError, EngineTimeout, EngineUnavailable, PageRejected
 from app.profiles import active_profile
 from app.results import Generation
@@ -407,3 +408,13 @@ async def test_a_completion_without_usage_counts_zero_tokens(completion: dict[st
 async def test_empty_completion_is_an_empty_page(stub: StubVLLM) -> None:
     stub.responder = lambda request: Reply(text="", completion_tokens=0)
     assert await recognize_one(settings_for(stub.base_url)) == Generation("", "stop", 0)
+
+
+@pytest.mark.parametrize("prompt", [None, "grounding"])
+def test_json_body_is_json_dumps_with_the_url_spliced_in(prompt: str | None) -> None:
+    """The request bytes are exactly json.dumps' (the page's data URL is copied in, not scanned)."""
+    settings = make_settings(model_source="vllm")
+    payload = VLLMEngine(settings).payload(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 50, Sampling(0.2, 0.9, 9, prompt))
+    payload["note"] = 'quotes " and unicode é'  # the rest is still escaped by json
+    assert json_body(payload) == json.dumps(payload).encode()
+    assert json.loads(json_body(payload)) == payload
