@@ -19,22 +19,6 @@ from app.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
-PG_DDL = """
-CREATE TABLE IF NOT EXISTS key_rate (
-    client TEXT PRIMARY KEY,
-    tokens DOUBLE PRECISION NOT NULL,
-    updated DOUBLE PRECISION NOT NULL
-);
-CREATE TABLE IF NOT EXISTS key_inflight (
-    replica TEXT NOT NULL,
-    client TEXT NOT NULL,
-    pages INTEGER NOT NULL,
-    lease_until DOUBLE PRECISION NOT NULL,
-    PRIMARY KEY (replica, client)
-);
-CREATE INDEX IF NOT EXISTS key_inflight_by_client ON key_inflight (client, lease_until);
-"""
-
 _NOW = "extract(epoch FROM clock_timestamp())::float8"
 RETRY_AFTER_S = 5
 
@@ -43,22 +27,12 @@ class PostgresLimits:
     """Shared rate buckets and pages in flight on the job store's connection pool."""
 
     def __init__(self, pool: Any) -> None:
-        self.pool = pool  # psycopg_pool.AsyncConnectionPool
-        self._ready = False
-
-    async def _ensure(self, conn: Any) -> None:
-        if not self._ready:
-            async with conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock(hashtext('lightonocr_key_limits'))")
-                await conn.execute(PG_DDL)
-            self._ready = True
+        self.pool = pool  # psycopg_pool.AsyncConnectionPool; the tables come from the store's migrations
 
     async def admit(self, request: SharedRequest) -> Refusal | None:
         try:
-            async with self.pool.connection() as conn:
-                await self._ensure(conn)
-                async with conn.transaction():
-                    return await self._admit(conn, request)
+            async with self.pool.connection() as conn, conn.transaction():
+                return await self._admit(conn, request)
         except psycopg.OperationalError as exc:  # the pool's timeout is one too
             raise _unavailable(exc) from None
 
@@ -103,34 +77,31 @@ class PostgresLimits:
 
     async def publish(self, replica: str, counts: dict[str, int], lease_s: float) -> None:
         try:
-            async with self.pool.connection() as conn:
-                await self._ensure(conn)
-                async with conn.transaction():
-                    gone = [client for client, pages in counts.items() if pages <= 0]
-                    if gone:
-                        await conn.execute(
-                            "DELETE FROM key_inflight WHERE replica = %s AND client = ANY(%s)", (replica, gone)
-                        )
-                    live = [(replica, client, pages, lease_s) for client, pages in counts.items() if pages > 0]
-                    if live:
-                        async with conn.cursor() as cursor:
-                            await cursor.executemany(
-                                "INSERT INTO key_inflight (replica, client, pages, lease_until) "
-                                f"VALUES (%s, %s, %s, {_NOW} + %s) ON CONFLICT (replica, client) "
-                                "DO UPDATE SET pages = EXCLUDED.pages, lease_until = EXCLUDED.lease_until",
-                                live,
-                            )
+            async with self.pool.connection() as conn, conn.transaction():
+                gone = [client for client, pages in counts.items() if pages <= 0]
+                if gone:
                     await conn.execute(
-                        f"UPDATE key_inflight SET lease_until = {_NOW} + %s WHERE replica = %s", (lease_s, replica)
+                        "DELETE FROM key_inflight WHERE replica = %s AND client = ANY(%s)", (replica, gone)
                     )
-                    # Rows of replicas long dead: nobody renews them, so they only cost space.
-                    await conn.execute(f"DELETE FROM key_inflight WHERE lease_until < {_NOW} - 600")
+                live = [(replica, client, pages, lease_s) for client, pages in counts.items() if pages > 0]
+                if live:
+                    async with conn.cursor() as cursor:
+                        await cursor.executemany(
+                            "INSERT INTO key_inflight (replica, client, pages, lease_until) "
+                            f"VALUES (%s, %s, %s, {_NOW} + %s) ON CONFLICT (replica, client) "
+                            "DO UPDATE SET pages = EXCLUDED.pages, lease_until = EXCLUDED.lease_until",
+                            live,
+                        )
+                await conn.execute(
+                    f"UPDATE key_inflight SET lease_until = {_NOW} + %s WHERE replica = %s", (lease_s, replica)
+                )
+                # Rows of replicas long dead: nobody renews them, so they only cost space.
+                await conn.execute(f"DELETE FROM key_inflight WHERE lease_until < {_NOW} - 600")
         except psycopg.OperationalError as exc:  # the pool's timeout is one too
             raise _unavailable(exc) from None
 
     async def in_flight(self) -> dict[str, int]:
         async with self.pool.connection() as conn:
-            await self._ensure(conn)
             rows = await (
                 await conn.execute(
                     f"SELECT client, SUM(pages) FROM key_inflight WHERE lease_until > {_NOW} GROUP BY client"

@@ -5,7 +5,9 @@ Every replica runs `Outbox`: it copies such jobs into `webhook_outbox` (one row 
 no-op), claims due rows under a lease (`FOR UPDATE SKIP LOCKED` on PostgreSQL, `BEGIN IMMEDIATE` on SQLite),
 makes ONE signed attempt per claim, and then either ends the row (delivered, refused with a 4xx, or out of
 attempts: `jobs.webhook` says which) or schedules the next attempt with today's backoff and lets the lease go.
-Each step is fenced on the lease holder, so a replica whose lease ran out cannot overwrite another's outcome.
+Each step is fenced on the lease holder, so a replica whose lease ran out cannot overwrite another's outcome. An
+ended row stays (`next_at` NULL) until its job is deleted: a claim that read the job as still `pending` just
+before the end was stored then finds the row and does not insert it again (no second delivery).
 
 A replica killed mid-attempt holds its lease for `lease_s` at most; then any replica claims the row again:
 delivery is at least once (a receiver may see the same job twice only when a replica died mid-POST, and the
@@ -42,28 +44,6 @@ POLL_S = 1.0  # how often a replica looks for due rows (finished jobs, retries) 
 BATCH = 8  # rows claimed at once: attempts of one claim run concurrently
 
 _TERMINAL = "('succeeded', 'partial', 'failed', 'cancelled')"
-
-SQLITE_DDL = """
-CREATE TABLE IF NOT EXISTS webhook_outbox (
-    job_id TEXT PRIMARY KEY REFERENCES jobs (id) ON DELETE CASCADE,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_at REAL NOT NULL DEFAULT 0,
-    lease_owner TEXT,
-    lease_until REAL NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS webhook_outbox_due ON webhook_outbox (next_at);
-"""
-
-PG_DDL = """
-CREATE TABLE IF NOT EXISTS webhook_outbox (
-    job_id TEXT PRIMARY KEY REFERENCES jobs (id) ON DELETE CASCADE,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_at DOUBLE PRECISION NOT NULL DEFAULT 0,
-    lease_owner TEXT,
-    lease_until DOUBLE PRECISION NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS webhook_outbox_due ON webhook_outbox (next_at);
-"""
 
 
 def replica_name() -> str:
@@ -112,10 +92,10 @@ class SqliteOutbox:
             db.row_factory = sqlite3.Row
             db.execute("PRAGMA foreign_keys = ON")
             db.execute("PRAGMA busy_timeout = 5000")
-            if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'jobs'").fetchone() is None:
+            # The store's migrations create the table (app/jobs/store/migrations.py) with the file.
+            if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'webhook_outbox'").fetchone() is None:
                 db.close()
                 return None
-            db.executescript(SQLITE_DDL)
             self._db = db
         return self._db
 
@@ -172,7 +152,11 @@ class SqliteOutbox:
 
     async def done(self, job_id: str, worker: str, *, state: WebhookState, attempts: int) -> bool:
         def done(db: sqlite3.Connection) -> bool:
-            cursor = db.execute("DELETE FROM webhook_outbox WHERE job_id = ? AND lease_owner = ?", (job_id, worker))
+            cursor = db.execute(
+                "UPDATE webhook_outbox SET next_at = NULL, lease_owner = NULL, lease_until = 0, attempts = ? "
+                "WHERE job_id = ? AND lease_owner = ?",
+                (attempts, job_id, worker),
+            )
             if cursor.rowcount != 1:
                 return False
             db.execute("UPDATE jobs SET webhook = ?, webhook_attempts = ? WHERE id = ?", (state, attempts, job_id))
@@ -191,36 +175,25 @@ class PostgresOutbox:
     """The outbox in PostgreSQL, on the store's pool; leases use the server's clock (replicas' clocks may differ)."""
 
     def __init__(self, pool: Any) -> None:
-        self.pool = pool  # psycopg_pool.AsyncConnectionPool
-        self._ready = False
-
-    async def _ensure(self, conn: Any) -> None:
-        if not self._ready:
-            async with conn.transaction():
-                # Replicas start together: concurrent CREATE ... IF NOT EXISTS can still collide in the catalog.
-                await conn.execute("SELECT pg_advisory_xact_lock(hashtext('lightonocr_webhook_outbox'))")
-                await conn.execute(PG_DDL)
-            self._ready = True
+        self.pool = pool  # psycopg_pool.AsyncConnectionPool; the tables come from the store's migrations
 
     async def claim(self, worker: str, *, lease_s: float, limit: int) -> list[Claimed]:
-        async with self.pool.connection() as conn:
-            await self._ensure(conn)
-            async with conn.transaction():
-                await conn.execute(
-                    "INSERT INTO webhook_outbox (job_id, attempts) SELECT id, webhook_attempts FROM jobs "
-                    f"WHERE webhook = 'pending' AND status IN {_TERMINAL} ON CONFLICT DO NOTHING"
-                )
-                cursor = await conn.execute(
-                    "UPDATE webhook_outbox SET lease_owner = %(worker)s, "
-                    "lease_until = extract(epoch FROM clock_timestamp()) + %(lease)s "
-                    "WHERE job_id IN (SELECT job_id FROM webhook_outbox "
-                    "  WHERE next_at <= extract(epoch FROM clock_timestamp()) "
-                    "  AND lease_until <= extract(epoch FROM clock_timestamp()) "
-                    "  ORDER BY next_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED) "
-                    "RETURNING job_id, attempts",
-                    {"worker": worker, "lease": lease_s, "limit": limit},
-                )
-                return [Claimed(job_id, attempts) for job_id, attempts in await cursor.fetchall()]
+        async with self.pool.connection() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO webhook_outbox (job_id, attempts) SELECT id, webhook_attempts FROM jobs "
+                f"WHERE webhook = 'pending' AND status IN {_TERMINAL} ON CONFLICT DO NOTHING"
+            )
+            cursor = await conn.execute(
+                "UPDATE webhook_outbox SET lease_owner = %(worker)s, "
+                "lease_until = extract(epoch FROM clock_timestamp()) + %(lease)s "
+                "WHERE job_id IN (SELECT job_id FROM webhook_outbox "
+                "  WHERE next_at <= extract(epoch FROM clock_timestamp()) "
+                "  AND lease_until <= extract(epoch FROM clock_timestamp()) "
+                "  ORDER BY next_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED) "
+                "RETURNING job_id, attempts",
+                {"worker": worker, "lease": lease_s, "limit": limit},
+            )
+            return [Claimed(job_id, attempts) for job_id, attempts in await cursor.fetchall()]
 
     async def retry(self, job_id: str, worker: str, *, attempts: int, delay_s: float) -> bool:
         async with self.pool.connection() as conn, conn.transaction():
@@ -237,7 +210,9 @@ class PostgresOutbox:
     async def done(self, job_id: str, worker: str, *, state: WebhookState, attempts: int) -> bool:
         async with self.pool.connection() as conn, conn.transaction():
             cursor = await conn.execute(
-                "DELETE FROM webhook_outbox WHERE job_id = %s AND lease_owner = %s", (job_id, worker)
+                "UPDATE webhook_outbox SET next_at = NULL, lease_owner = NULL, lease_until = 0, attempts = %s "
+                "WHERE job_id = %s AND lease_owner = %s",
+                (attempts, job_id, worker),
             )
             if cursor.rowcount != 1:
                 return False

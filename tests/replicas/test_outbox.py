@@ -18,6 +18,7 @@ from psycopg_pool import AsyncConnectionPool
 from app.jobs import NewJob, SqliteJobStore, WebhookSender, verify
 from app.jobs.outbox import Outbox, OutboxBackend, PostgresOutbox, SqliteOutbox
 from app.jobs.store import JobRecord
+from app.jobs.store.postgres import prepare
 from tests.jobs.test_webhooks import Receiver
 from tests.support.server import ServedApp
 
@@ -140,25 +141,21 @@ async def wait_until(store: SqliteJobStore, job_id: str, predicate: Callable[[Jo
 
 # -- PostgreSQL ------------------------------------------------------------------------------------------
 
-_PG_JOBS = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY, status TEXT NOT NULL, webhook TEXT, webhook_attempts INTEGER NOT NULL DEFAULT 0
-)
-"""
-
 
 @pytest.fixture
 async def pg_pool(postgres_url: str) -> AsyncIterator[AsyncConnectionPool]:
+    prepare(postgres_url)  # the store's migrations: jobs, webhook_outbox, ...
     pool = AsyncConnectionPool(postgres_url, min_size=1, max_size=4, open=False)
     await pool.open()
     async with pool.connection() as conn:
-        if await (await conn.execute("SELECT to_regclass('jobs')")).fetchone() == (None,):
-            await conn.execute(_PG_JOBS)  # the PostgreSQL store's table is not there yet: its columns we read
+        columns = "id, owner, status, pages, doc_bytes, created_at, updated_at, webhook"
         await conn.execute(
-            "INSERT INTO jobs (id, status, webhook) SELECT 'job' || n, 'succeeded', 'pending' "
+            f"INSERT INTO jobs ({columns}) SELECT 'job' || n, 'a', 'succeeded', '[1]', 1, 0, 0, 'pending' "
             "FROM generate_series(1, 20) n"
         )
-        await conn.execute("INSERT INTO jobs (id, status, webhook) VALUES ('running', 'running', 'pending')")
+        await conn.execute(
+            f"INSERT INTO jobs ({columns}) VALUES ('running', 'a', 'running', '[1]', 1, 0, 0, 'pending')"
+        )
     yield pool
     await pool.close()
 

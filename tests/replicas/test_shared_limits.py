@@ -13,6 +13,7 @@ from psycopg_pool import AsyncConnectionPool
 from app.admission import Admission, SharedAdmission
 from app.errors import Overloaded, RateLimited, TooManyPagesInFlight
 from app.jobs.limits import PostgresLimits
+from app.jobs.store.postgres import prepare
 
 pytestmark = pytest.mark.anyio
 
@@ -21,6 +22,7 @@ Replica = Callable[..., SharedAdmission]
 
 @pytest.fixture
 async def pool(postgres_url: str) -> AsyncIterator[AsyncConnectionPool]:
+    prepare(postgres_url)  # the store's migrations create key_rate and key_inflight
     opened = AsyncConnectionPool(postgres_url, min_size=1, max_size=6, open=False)
     await opened.open()
     yield opened

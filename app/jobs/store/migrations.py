@@ -72,6 +72,17 @@ SQLITE: list[str] = [
         FROM jobs j, json_each(j.pages) e
         WHERE j.status IN ('queued', 'running');
     """,
+    # 3: the webhook outbox (app/jobs/outbox.py): one row per finished job to deliver, leased.
+    """
+    CREATE TABLE IF NOT EXISTS webhook_outbox (
+        job_id TEXT PRIMARY KEY REFERENCES jobs (id) ON DELETE CASCADE,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_at REAL DEFAULT 0,  -- NULL once delivered or given up: the row stays
+        lease_owner TEXT,
+        lease_until REAL NOT NULL DEFAULT 0
+    );
+    CREATE INDEX IF NOT EXISTS webhook_outbox_due ON webhook_outbox (next_at);
+    """,
 ]
 
 POSTGRES: list[str] = [
@@ -164,6 +175,31 @@ POSTGRES: list[str] = [
         RETURN QUERY SELECT true, v_left = 0;
     END
     $$;
+    """,
+    # 3: the webhook outbox (app/jobs/outbox.py) and per-key limits shared by replicas (app/jobs/limits.py).
+    # IF NOT EXISTS: databases used before this migration existed got these tables from the code itself.
+    """
+    CREATE TABLE IF NOT EXISTS webhook_outbox (
+        job_id TEXT PRIMARY KEY REFERENCES jobs (id) ON DELETE CASCADE,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_at DOUBLE PRECISION DEFAULT 0,  -- NULL once delivered or given up: the row stays
+        lease_owner TEXT,
+        lease_until DOUBLE PRECISION NOT NULL DEFAULT 0
+    );
+    CREATE INDEX IF NOT EXISTS webhook_outbox_due ON webhook_outbox (next_at);
+    CREATE TABLE IF NOT EXISTS key_rate (
+        client TEXT PRIMARY KEY,
+        tokens DOUBLE PRECISION NOT NULL,
+        updated DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS key_inflight (
+        replica TEXT NOT NULL,
+        client TEXT NOT NULL,
+        pages INTEGER NOT NULL,
+        lease_until DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (replica, client)
+    );
+    CREATE INDEX IF NOT EXISTS key_inflight_by_client ON key_inflight (client, lease_until);
     """,
 ]
 
