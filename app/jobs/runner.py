@@ -53,6 +53,7 @@ ORPHAN_CHECK_S = 5.0
 SWEEP_INTERVAL_S = 60.0
 _FIRST_RETRY_S = 0.1
 _STORE_RETRY_S = 0.5
+_DOCUMENTS_KEPT = 2  # documents kept between batches: a long job is read from the store once, not per batch
 _INTERNAL_ERROR = {"code": "internal_error", "message": "internal error while running the job; it was logged"}
 
 
@@ -87,6 +88,7 @@ class JobRunner:
         self._stopping = False
         self._dead: str | None = None  # why a background loop ended, once one has
         self._store_down: str | None = None  # the last store failure seen by the loop, until a call succeeds
+        self._documents: dict[str, bytes] = {}  # a few recent jobs' documents (`_document`)
         self.pages_kept = 0  # finished pages held in memory because the store could not take them (yet)
 
     @classmethod
@@ -251,8 +253,20 @@ class JobRunner:
                 batch.cancel()
                 return
 
+    async def _document(self, job_id: str) -> bytes | None:
+        """The job's document, read once per job while its batches follow each other (not once per batch)."""
+        data = self._documents.pop(job_id, None)
+        if data is None:
+            data = await self.store.document(job_id)
+            if data is None:
+                return None
+        self._documents[job_id] = data  # most recent last
+        while len(self._documents) > _DOCUMENTS_KEPT:
+            self._documents.pop(next(iter(self._documents)))
+        return data
+
     async def _run(self, record: JobRecord, held: dict[int, Lease]) -> None:
-        data = await self.store.document(record.id)
+        data = await self._document(record.id)
         if data is None:  # deleted meanwhile
             return
         wait = _FIRST_RETRY_S

@@ -217,3 +217,25 @@ async def test_the_database_lost_while_pages_run_loses_nothing() -> None:
         assert [p.result.text for p in await store.pages(record.id)] == [f"page {n}" for n in range(1, 5)]
     finally:
         await anyio.to_thread.run_sync(server.destroy)
+
+
+async def test_a_long_job_is_read_from_the_store_once_not_once_per_batch(
+    open_store: Callable[[Callable[[], float]], SqlJobStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = open_store(Clock())
+    record = await submit(store, 12)
+    reads: list[str] = []
+    document = store.document
+
+    async def counted(job_id: str) -> bytes | None:
+        reads.append(job_id)
+        return await document(job_id)
+
+    monkeypatch.setattr(store, "document", counted)
+
+    async def answer(page: int) -> Generation:
+        return Generation(text=f"page {page}", finish_reason="stop", tokens=2)
+
+    async with runner(store, answer, concurrency=1, batch=2):
+        assert await ended(store, record.id) == "succeeded"
+    assert reads == [record.id]  # 6 batches, 1 read

@@ -244,6 +244,25 @@ class PostgresJobStore(SqlJobStore):
         rows = await self._run_single(lambda tx: tx.rows(sql, values))
         return sorted(Lease(row["job_id"], row["page"], worker, row["attempt"]) for row in rows)
 
+    async def renew(self, leases: Sequence[Lease], lease_s: float) -> set[int]:
+        """One statement for the whole batch (it runs every second per batch in flight)."""
+        if not leases:
+            return set()
+        sql = (
+            "UPDATE page_tasks t SET lease_until = ? FROM unnest(?::text[], ?::int[], ?::text[], ?::int[]) "
+            "AS l(job_id, page, worker, attempt) WHERE t.job_id = l.job_id AND t.page = l.page "
+            "AND t.worker = l.worker AND t.attempt = l.attempt AND t.state = 'leased' RETURNING t.page"
+        )
+        values = [
+            self.clock() + lease_s,
+            [lease.job_id for lease in leases],
+            [lease.page for lease in leases],
+            [lease.worker for lease in leases],
+            [lease.attempt for lease in leases],
+        ]
+        rows = await self._run_single(lambda tx: tx.rows(sql, values))
+        return {row["page"] for row in rows}
+
     async def complete(self, lease: Lease, page: FinishedPage) -> Completion:
         """One call of `lightonocr_complete_page` (migration 2): the fenced completion in one round trip."""
         values = (lease.job_id, lease.page, lease.worker, lease.attempt, dump_page(page), self.clock())
