@@ -45,6 +45,7 @@ class Figures:
     ms_per_token: float
     tokens: int
     peak_rss_mib: float
+    cpu_s: float | None = None  # CPU seconds the page cost (all threads): robust to neighbours on shared cores
 
     def line(self) -> str:
         vision = f"{self.vision_s:.1f}" if self.vision_s is not None else "?"
@@ -52,7 +53,8 @@ class Figures:
         return (
             f"{self.engine}: vision {vision} s, prefill {self.prefill_s:.1f} s, {self.ms_per_token:.0f} ms/token "
             f"({self.tokens} tokens), peak RSS {self.peak_rss_mib:.0f} MiB, {page_s:.0f} s per 600-token page = "
-            f"{3600 / page_s:.1f} pages/hour | load {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}"
+            f"{3600 / page_s:.1f} pages/hour, {self.cpu_s or 0:.0f} CPU s for the {self.tokens}-token page "
+            f"| load {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}"
         )
 
 
@@ -106,15 +108,16 @@ def run_hf(checkpoint: Path, threads: int) -> Figures:
     )
     inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
     marks: dict[str, float] = {}
-    encode = model.model.get_image_features
 
-    def timed_encode(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        result = encode(*args, **kwargs)
-        marks["vision"] = time.perf_counter() - start
-        return result
+    # Vision encoder + projector: from the encoder's first call to the projector's return (forward hooks).
+    def mark(name: str) -> Any:
+        def hook(*_: Any) -> None:  # a hook returning a value would replace the module's input or output
+            marks.setdefault(name, time.perf_counter())
 
-    model.model.get_image_features = timed_encode
+        return hook
+
+    model.model.vision_encoder.register_forward_pre_hook(mark("v0"))
+    model.model.vision_projection.register_forward_hook(mark("v1"))
 
     class FirstToken(LogitsProcessor):
         def __call__(self, input_ids: Any, scores: Any) -> Any:
@@ -122,7 +125,7 @@ def run_hf(checkpoint: Path, threads: int) -> Figures:
             return scores
 
     print(f"prompt: {inputs['input_ids'].shape[1]} tokens", file=sys.stderr)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         output = model.generate(
             **inputs,
@@ -133,12 +136,13 @@ def run_hf(checkpoint: Path, threads: int) -> Figures:
             top_p=0.9,
             logits_processor=[FirstToken()],
         )
-    end = time.perf_counter()
+    end, cpu = time.perf_counter(), time.process_time() - cpu_start
     generated = output.shape[1] - inputs["input_ids"].shape[1]
+    marks["vision"] = marks["v1"] - marks["v0"]
     prefill = marks["first"] - start - marks["vision"]
     decode_ms = (end - marks["first"]) * 1000 / max(1, generated - 1)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return Figures("transformers bf16", marks["vision"], prefill, decode_ms, generated, rss)
+    return Figures("transformers bf16", marks["vision"], prefill, decode_ms, generated, rss, cpu)
 
 
 def run_server(base_url: str, model: str | None, pid: int | None, log: Path | None) -> Figures:
@@ -156,9 +160,9 @@ def run_server(base_url: str, model: str | None, pid: int | None, log: Path | No
             "max_tokens": TOKENS,
             "ignore_eos": True,  # llama-server and vLLM both take it
         }
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), _process_cpu_s(pid)
         response = client.post("/chat/completions", json=body)
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, _process_cpu_s(pid) - cpu_start
     response.raise_for_status()
     answer = response.json()
     tokens = int(answer["usage"]["completion_tokens"])
@@ -180,7 +184,50 @@ def run_server(base_url: str, model: str | None, pid: int | None, log: Path | No
             if line.startswith("VmHWM:"):
                 rss = int(line.split()[1]) / 1024
     print(f"wall {wall:.1f} s, {tokens} tokens, timings {json.dumps(timings)}", file=sys.stderr)
-    return Figures(f"server {served}", vision, prefill, per_token, tokens, rss)
+    return Figures(f"server {served}", vision, prefill, per_token, tokens, rss, cpu if pid is not None else None)
+
+
+def _process_cpu_s(pid: int | None) -> float:
+    """utime + stime of a process (its threads included), from /proc; 0 without a pid."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_llama_text(root_url: str, prompt_tokens: int, pid: int | None) -> Figures:
+    """llama-server's LM alone: a prompt of as many token ids as the page's (image tokens included), no image.
+
+    For when the vision encoder is too slow to wait for: prefill and decode of the page without it.
+    """
+    body = {
+        "prompt": [100 + i % 500 for i in range(prompt_tokens)],
+        "n_predict": TOKENS,
+        "ignore_eos": True,
+        "temperature": 0.2,
+        "top_p": 0.9,
+        "cache_prompt": False,
+    }
+    cpu_start = _process_cpu_s(pid)
+    answer = httpx.post(f"{root_url}/completion", json=body, timeout=3600).json()
+    cpu = _process_cpu_s(pid) - cpu_start
+    timings = answer["timings"]
+    print(f"timings {json.dumps(timings)}", file=sys.stderr)
+    rss = 0.0
+    if pid is not None:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                rss = int(line.split()[1]) / 1024
+    per_token = timings["predicted_ms"] / max(1, timings["predicted_n"])
+    return Figures(
+        f"llama-server LM only ({timings['prompt_n']}-token prompt)",
+        None,
+        timings["prompt_ms"] / 1000,
+        per_token,
+        int(timings["predicted_n"]),
+        rss,
+        cpu if pid is not None else None,
+    )
 
 
 def main() -> None:
@@ -195,13 +242,20 @@ def main() -> None:
     server.add_argument("--model")
     server.add_argument("--pid", type=int)
     server.add_argument("--log", type=Path)
+    text = sub.add_parser("llama-text")
+    text.add_argument("root_url")
+    text.add_argument("--prompt-tokens", type=int, default=2331)  # the page's prompt in transformers
+    text.add_argument("--pid", type=int)
     args = parser.parse_args()
     if args.command == "checkpoint":
         make_checkpoint(args.target)
         return
     print(f"uptime before: {Path('/proc/loadavg').read_text().strip()}")
-    figures = run_hf(args.checkpoint, args.threads) if args.command == "hf" else None
-    if figures is None:
+    if args.command == "hf":
+        figures = run_hf(args.checkpoint, args.threads)
+    elif args.command == "llama-text":
+        figures = run_llama_text(args.root_url, args.prompt_tokens, args.pid)
+    else:
         figures = run_server(args.base_url, args.model, args.pid, args.log)
     print(figures.line())
 
