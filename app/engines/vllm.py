@@ -40,10 +40,6 @@ log = logging.getLogger(__name__)
 _HEALTH_TIMEOUT_S = 5.0
 # How often a server out of the rotation is probed on /models.
 PROBE_INTERVAL_S = 3.0
-# vLLM resizes pages to whole 28-px merged patches and fails on a side shorter than that
-# (REFERENCE.md; LightOnOCR's profile: patch 14 x spatial merge 2). Shorter sides are padded.
-# Each profile has its own (Profile.min_side: 32 for the Qwen3.5-based ones); this is LightOnOCR-2's.
-MIN_SIDE = 28
 
 
 class _TransientFailure(Exception):
