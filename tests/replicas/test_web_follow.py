@@ -13,8 +13,8 @@ from playwright.sync_api import Browser, Page, expect
 
 from tests.conftest import ServiceFactory
 from tests.jobs.test_jobs_api import SMALL, Gates, holding
-from tests.support.browser import TIMEOUT_MS
 from tests.support.browser import browser as browser  # the module-scoped fixture (skips without Chromium)
+from tests.support.browser import watched_page
 from tests.support.documents import make_pdf
 from tests.support.jobs import submit
 from tests.support.openai_stub import StubVLLM
@@ -22,14 +22,8 @@ from tests.support.openai_stub import StubVLLM
 
 @pytest.fixture
 def page(browser: Browser) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1280, "height": 860})
-    context.set_default_timeout(TIMEOUT_MS)
-    tab = context.new_page()
-    errors: list[str] = []
-    tab.on("pageerror", lambda exc: errors.append(str(exc)))
-    yield tab
-    context.close()
-    assert errors == [], f"JavaScript errors on the page: {errors}"
+    with watched_page(browser) as tab:
+        yield tab
 
 
 @pytest.fixture

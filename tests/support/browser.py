@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 CHROMIUM = os.environ.get("LIGHTONOCR_CHROMIUM", "/usr/bin/chromium")
 # Without the background-networking flags Chromium tries to reach Google and, on a closed
@@ -37,3 +39,16 @@ def browser() -> Iterator[Browser]:
         launched = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         yield launched
         launched.close()
+
+
+@contextmanager
+def watched_page(browser: Browser, *, height: int = 860, **context_options: Any) -> Iterator[Page]:
+    """A fresh tab 1280 px wide whose JavaScript errors fail the test when it ends."""
+    context = browser.new_context(viewport={"width": 1280, "height": height}, **context_options)
+    context.set_default_timeout(TIMEOUT_MS)
+    tab = context.new_page()
+    errors: list[str] = []
+    tab.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield tab
+    context.close()
+    assert errors == [], f"JavaScript errors on the page: {errors}"

@@ -24,7 +24,7 @@ pytest.importorskip("playwright", reason="playwright is not installed (uv sync i
 from playwright.sync_api import Browser, Page, expect
 
 from tests.conftest import ServiceFactory
-from tests.support.browser import TIMEOUT_MS
+from tests.support.browser import TIMEOUT_MS, watched_page
 from tests.support.browser import browser as browser  # the module-scoped fixture (skips without Chromium)
 from tests.support.documents import make_pdf, page_id_of
 from tests.support.openai_stub import Reply, StubRequest, StubVLLM
@@ -68,14 +68,8 @@ def hold_page_one(stub: StubVLLM) -> Iterator[HoldPageOne]:
 
 @pytest.fixture
 def page(browser: Browser) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1280, "height": 860}, accept_downloads=True)
-    context.set_default_timeout(TIMEOUT_MS)
-    tab = context.new_page()
-    errors: list[str] = []
-    tab.on("pageerror", lambda exc: errors.append(str(exc)))
-    yield tab
-    context.close()
-    assert errors == [], f"JavaScript errors on the page: {errors}"
+    with watched_page(browser, accept_downloads=True) as tab:
+        yield tab
 
 
 @pytest.fixture

@@ -18,8 +18,8 @@ pytest.importorskip("playwright", reason="playwright is not installed (uv sync i
 from playwright.sync_api import Browser, Locator, Page, expect
 
 from tests.conftest import ServiceFactory, corpus_document
-from tests.support.browser import TIMEOUT_MS
 from tests.support.browser import browser as browser  # the module-scoped fixture (skips without Chromium)
+from tests.support.browser import watched_page
 from tests.support.documents import make_pdf
 from tests.support.openai_stub import Reply, StubRequest, StubVLLM
 
@@ -44,14 +44,8 @@ def grounded(request: StubRequest) -> Reply:
 
 @pytest.fixture
 def page(browser: Browser) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    context.set_default_timeout(TIMEOUT_MS)
-    tab = context.new_page()
-    errors: list[str] = []
-    tab.on("pageerror", lambda exc: errors.append(str(exc)))
-    yield tab
-    context.close()
-    assert errors == [], f"JavaScript errors on the page: {errors}"
+    with watched_page(browser, height=900) as tab:
+        yield tab
 
 
 @pytest.fixture
