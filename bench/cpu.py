@@ -176,23 +176,60 @@ def run_server(base_url: str, model: str | None, pid: int | None, log: Path | No
         prompt_s = timings["prompt_ms"] / 1000  # llama-server counts the image encoding in the prompt time
         prefill = prompt_s - (vision or 0)
         per_token = timings["predicted_ms"] / max(1, timings["predicted_n"])
-    else:  # vLLM: only the wall time is known; prefill = wall minus decode at an unknown rate
-        prefill, per_token = wall, 0.0
-    rss = 0.0
-    if pid is not None:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                rss = int(line.split()[1]) / 1024
+    else:  # vLLM reports no timings: time a 1-token answer to the same page (no prefix cache) for the split
+        with httpx.Client(base_url=base_url, timeout=3600) as client:
+            started = time.perf_counter()
+            client.post("/chat/completions", json={**body, "max_tokens": 1}).raise_for_status()
+            prefill = time.perf_counter() - started  # vision encoder + prefill + one token
+        per_token = (wall - prefill) * 1000 / max(1, tokens - 1)
+    rss = _peak_rss_mib(pid)
     print(f"wall {wall:.1f} s, {tokens} tokens, timings {json.dumps(timings)}", file=sys.stderr)
     return Figures(f"server {served}", vision, prefill, per_token, tokens, rss, cpu if pid is not None else None)
 
 
+def _tree(pid: int) -> list[int]:
+    """The process and its descendants (vLLM computes in an engine-core child process)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo += children.get(current, [])
+    return found
+
+
 def _process_cpu_s(pid: int | None) -> float:
-    """utime + stime of a process (its threads included), from /proc; 0 without a pid."""
+    """utime + stime of a process tree (threads included), from /proc; 0 without a pid."""
     if pid is None:
         return 0.0
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for member in _tree(pid):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def _peak_rss_mib(pid: int | None) -> float:
+    """Sum of the process tree's peak RSS (VmHWM); 0 without a pid."""
+    if pid is None:
+        return 0.0
+    total = 0.0
+    for member in _tree(pid):
+        try:
+            lines = Path(f"/proc/{member}/status").read_text().splitlines()
+        except OSError:
+            continue
+        total += sum(int(line.split()[1]) / 1024 for line in lines if line.startswith("VmHWM:"))
+    return total
 
 
 def run_llama_text(root_url: str, prompt_tokens: int, pid: int | None) -> Figures:
@@ -213,11 +250,7 @@ def run_llama_text(root_url: str, prompt_tokens: int, pid: int | None) -> Figure
     cpu = _process_cpu_s(pid) - cpu_start
     timings = answer["timings"]
     print(f"timings {json.dumps(timings)}", file=sys.stderr)
-    rss = 0.0
-    if pid is not None:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                rss = int(line.split()[1]) / 1024
+    rss = _peak_rss_mib(pid)
     per_token = timings["predicted_ms"] / max(1, timings["predicted_n"])
     return Figures(
         f"llama-server LM only ({timings['prompt_n']}-token prompt)",
