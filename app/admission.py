@@ -154,7 +154,7 @@ class LimitsBackend(Protocol):
         ...
 
     async def in_flight(self) -> dict[str, int]:
-        """Pages in flight per client across live replicas (for fair claiming of job pages)."""
+        """Pages in flight per client across live replicas (what KEY_MAX_PAGES_IN_FLIGHT counts)."""
         ...
 
 

@@ -83,7 +83,7 @@ class JobRunner:
         self.worker = worker if worker is not None else worker_id()
         self._wake = asyncio.Event()
         self.feed = JobFeed()  # wakes GET /api/jobs/{id}/events followers on this replica at once
-        self._batches: dict[asyncio.Task[None], tuple[str, str]] = {}  # task -> (job id, owner)
+        self._batches: dict[asyncio.Task[None], str] = {}  # task -> job id
         self._background: list[asyncio.Task[None]] = []
         self._stopping = False
         self._dead: str | None = None  # why a background loop ended, once one has
@@ -151,7 +151,7 @@ class JobRunner:
         """Mark the job cancelled, then stop its pages here at once (other processes see it at their renewal)."""
         record, changed = await self.store.cancel(job_id)
         self.feed.ended(job_id)
-        mine = [task for task, (job, _) in self._batches.items() if job == job_id]
+        mine = [task for task, job in self._batches.items() if job == job_id]
         if changed and mine:
             for task in mine:
                 task.cancel()
@@ -170,9 +170,7 @@ class JobRunner:
                     for record in await self.store.unfinalized():
                         await self._finalize(record.id)
                 while len(self._batches) < self.concurrency:
-                    busy = {owner for _, owner in self._batches.values()}
-                    leases = await self.store.claim(self.worker, limit=self.batch, lease_s=self.lease_s,
-                                                    busy_owners=busy)  # fmt: skip
+                    leases = await self.store.claim(self.worker, limit=self.batch, lease_s=self.lease_s)
                     if not leases:
                         break
                     await self._launch(leases)
@@ -191,9 +189,8 @@ class JobRunner:
 
     async def _launch(self, leases: list[Lease]) -> None:
         record = await self.store.get(leases[0].job_id)
-        owner = record.owner if record is not None else ""
         task = asyncio.create_task(self._batch(leases, record), name=f"job-{leases[0].job_id}")
-        self._batches[task] = (leases[0].job_id, owner)
+        self._batches[task] = leases[0].job_id
 
         def done(_: asyncio.Task[None]) -> None:
             self._batches.pop(task, None)

@@ -8,12 +8,13 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 
 from app.errors import StoreUnavailable
-from app.jobs import JobRecord, JobRunner, NewJob, PostgresJobStore, SqliteJobStore
+from app.jobs import JobRecord, JobRunner, Lease, NewJob, PostgresJobStore, SqliteJobStore
 from app.jobs.store import SqlJobStore
 from app.results import Generation
 from app.service import OCRService
@@ -62,8 +63,8 @@ async def runner(
         await service.close()
 
 
-async def submit(store: SqlJobStore, pages: int) -> JobRecord:
-    new = NewJob(owner=OWNER, pages=list(range(1, pages + 1)), pages_spec=None, password=None, callback_url=None,
+async def submit(store: SqlJobStore, pages: int, owner: str = OWNER) -> JobRecord:
+    new = NewJob(owner=owner, pages=list(range(1, pages + 1)), pages_spec=None, password=None, callback_url=None,
                  filename=None)  # fmt: skip
     return await store.create(new, make_pdf(pages, (100, 130)))
 
@@ -112,6 +113,51 @@ async def test_two_runners_share_one_job_and_compute_each_page_once(
     assert sorted(a_engine.asked + b_engine.asked) == record.pages  # each page computed once, by one of them
     pages = await b_store.pages(record.id)
     assert [p.result.text for p in pages] == [f"page {n}" for n in record.pages]
+
+
+async def test_another_keys_small_job_overtakes_a_big_job_already_running_on_every_runner(
+    open_store: Callable[[Callable[[], float]], SqlJobStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fair round robin across processes: both runners hold a batch of key A's 40 pages when key B submits
+    2 pages; the next claim anywhere is B's, before A's 17th page."""
+    clock = Clock()
+    a_store, b_store = open_store(clock), open_store(clock)
+    big = await submit(a_store, 40, owner="key:a")
+    claims: list[tuple[str, list[int]]] = []
+    for store in (a_store, b_store):
+
+        def recording(claim: Callable[..., Awaitable[list[Lease]]]) -> Callable[..., Awaitable[list[Lease]]]:
+            async def claim_and_log(*args: Any, **kwargs: Any) -> list[Lease]:
+                leases = await claim(*args, **kwargs)
+                if leases:
+                    claims.append((leases[0].job_id, [lease.page for lease in leases]))
+                return leases
+
+            return claim_and_log
+
+        monkeypatch.setattr(store, "claim", recording(store.claim))
+    gate = asyncio.Event()
+
+    async def answer(page: int) -> Generation:
+        await gate.wait()
+        return Generation(text=f"page {page}", finish_reason="stop", tokens=2)
+
+    async with (
+        runner(a_store, answer, concurrency=1, batch=8),
+        runner(b_store, answer, concurrency=1, batch=8),
+    ):
+
+        async def both_hold_a_batch() -> bool:
+            return len(claims) == 2
+
+        await until(both_hold_a_batch)
+        small = await submit(b_store, 2, owner="key:b")
+        gate.set()
+        assert await ended(a_store, small.id) == "succeeded"
+        assert await ended(a_store, big.id) == "succeeded"
+    assert sorted(page for _, pages in claims[:2] for page in pages) == list(range(1, 17))
+    assert claims[2] == (small.id, [1, 2])
+    assert sorted(page for job, pages in claims if job == big.id for page in pages) == big.pages
 
 
 async def test_a_cancel_through_one_runner_aborts_the_other_runners_pages_at_the_engine(

@@ -115,9 +115,10 @@ async def test_create_stores_the_job_its_document_and_pages_to_do(store: SqlJobS
 
 
 async def test_a_claim_takes_pages_of_one_job_oldest_first_and_never_twice(store: SqlJobStore, clock: Clock) -> None:
+    """One owner's jobs in submission order (between owners, see the fairness tests below)."""
     first = await store.create(new_job("key:a", pages=5), b"1")
     clock.now += 1
-    second = await store.create(new_job("key:b", pages=2), b"2")
+    second = await store.create(new_job("key:a", pages=2), b"2")
     leases = await store.claim("w1", limit=3, lease_s=LEASE_S)
     assert [(lease.job_id, lease.page, lease.attempt) for lease in leases] == [(first.id, n, 1) for n in (1, 2, 3)]
     running = await store.get(first.id)
@@ -133,12 +134,67 @@ async def test_a_claim_takes_pages_of_one_job_oldest_first_and_never_twice(store
     assert await store.claim("w4", limit=3, lease_s=LEASE_S) == []
 
 
-async def test_a_claim_prefers_owners_the_worker_is_not_busy_with(store: SqlJobStore, clock: Clock) -> None:
-    await store.create(new_job("key:a"), b"1")
+async def test_a_small_job_of_another_owner_goes_before_the_big_jobs_next_batch_on_any_replica(
+    store: SqlJobStore, clock: Clock
+) -> None:
+    """Fair across replicas: B's 2 pages are claimed (by another process) before A's 9th page."""
+    big = await store.create(new_job("key:a", pages=50), b"1")
     clock.now += 1
-    younger = await store.create(new_job("key:b"), b"2")
-    leases = await store.claim("w", limit=8, lease_s=LEASE_S, busy_owners={"key:a"})
-    assert {lease.job_id for lease in leases} == {younger.id}
+    small = await store.create(new_job("key:b", pages=2), b"2")
+    replica = other(store, clock)
+    try:
+        first = await store.claim("r1", limit=8, lease_s=LEASE_S)
+        assert [(lease.job_id, lease.page) for lease in first] == [(big.id, n) for n in range(1, 9)]
+        clock.now += 1
+        second = await replica.claim("r2", limit=8, lease_s=LEASE_S)
+        assert [(lease.job_id, lease.page) for lease in second] == [(small.id, 1), (small.id, 2)]
+        clock.now += 1
+        third = await replica.claim("r2", limit=8, lease_s=LEASE_S)
+        assert [(lease.job_id, lease.page) for lease in third] == [(big.id, n) for n in range(9, 17)]
+    finally:
+        replica.close()
+
+
+async def test_owners_with_as_many_pages_in_flight_take_turns(store: SqlJobStore, clock: Clock) -> None:
+    """Two slots, three owners: the owner served longest ago (or never) goes next, not the oldest job's."""
+    jobs = {}
+    for owner in ("key:a", "key:b", "key:c"):
+        jobs[owner] = await store.create(new_job(owner, pages=20), b"1")
+        clock.now += 1
+    served: list[str] = []
+
+    async def run_one_batch(worker: str) -> list[Lease]:
+        clock.now += 1
+        leases = await store.claim(worker, limit=4, lease_s=LEASE_S)
+        served.append(next(owner for owner, job in jobs.items() if job.id == leases[0].job_id))
+        return leases
+
+    async def finish(leases: list[Lease]) -> None:
+        for lease in leases:
+            assert (await store.complete(lease, page(lease.page))).accepted
+
+    slot1, slot2 = await run_one_batch("w1"), await run_one_batch("w2")
+    for _ in range(3):
+        await finish(slot1)
+        slot1 = await run_one_batch("w1")
+        await finish(slot2)
+        slot2 = await run_one_batch("w2")
+    assert served == ["key:a", "key:b", "key:c", "key:a", "key:b", "key:c", "key:a", "key:b"]
+
+
+async def test_expired_leases_do_not_count_as_pages_in_flight(store: SqlJobStore, clock: Clock) -> None:
+    big = await store.create(new_job("key:a", pages=50), b"1")
+    clock.now += 1
+    other_job = await store.create(new_job("key:b", pages=10), b"2")
+    dead = await store.claim("killed", limit=8, lease_s=LEASE_S)  # a replica that dies with A's 8 pages
+    clock.now += 1
+    alive = await store.claim("w2", limit=2, lease_s=LEASE_S)
+    assert {lease.job_id for lease in alive} == {other_job.id}
+    clock.now += LEASE_S - 5
+    assert await store.renew(alive, LEASE_S) == {1, 2}
+    clock.now += 10  # A's leases expired; B's 2 pages are still in flight
+    taken = await store.claim("w3", limit=8, lease_s=LEASE_S)
+    assert [(lease.job_id, lease.page, lease.attempt) for lease in taken] == [(big.id, lease.page, 2) for lease in dead]
 
 
 async def test_only_the_current_lease_holder_can_store_a_page(store: SqlJobStore, clock: Clock) -> None:

@@ -7,6 +7,12 @@ the completion is fenced on (job, page, worker, attempt). A worker that died (ki
 renewing: its pages are claimed again once the lease expired. A cancelled job's open pages become
 `void`, so their renewals fail and the holders abort them at the engine.
 
+Which job's pages a worker claims next is fair between owners (API keys) across every process: the
+owner with the fewest pages leased anywhere goes first; among equals, the one served longest ago
+(`owner_turns`, stamped at each claim), then the one waiting longest; its oldest job's pages are taken.
+So one key's 2-page job does not wait behind another key's 500 pages on any replica, and keys sharing
+one slot take turns (`TURNS` below).
+
 Job status derives from the pages: `queued` until a page is first claimed, `running` after, and the
 worker storing the last page assembles the result and ends the job (any worker finishes a job whose
 pages are all stored but that never ended: its finisher died in between).
@@ -20,7 +26,7 @@ from __future__ import annotations
 import json
 import uuid
 from abc import abstractmethod
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -135,8 +141,8 @@ class JobStore(Protocol):
         """The finished pages in the order they were stored, skipping the first `after` (resumable events)."""
         ...
 
-    async def claim(self, worker: str, *, limit: int, lease_s: float, busy_owners: Collection[str] = ()) -> list[Lease]:
-        """Lease up to `limit` unstarted (or expired) pages of ONE job, preferring owners not in `busy_owners`."""
+    async def claim(self, worker: str, *, limit: int, lease_s: float) -> list[Lease]:
+        """Lease up to `limit` unstarted (or expired) pages of ONE job, of the owner whose turn it is (`TURNS`)."""
         ...
 
     async def renew(self, leases: Sequence[Lease], lease_s: float) -> set[int]:
@@ -198,7 +204,30 @@ class Tx(Protocol):
         ...
 
 
-OPEN = "(t.state = 'todo' OR (t.state = 'leased' AND t.lease_until < ?))"
+# A claimable page: never claimed, or its lease expired. The IN term lets both databases use the partial indexes.
+OPEN = "(t.state IN ('todo', 'leased') AND (t.state = 'todo' OR t.lease_until < ?))"
+
+# The owners with open pages, in the order they should be served (one `?`: now). `owners` walks the distinct
+# owners of open pages through the index (one probe per owner, not a scan of every queued page); `turns` adds
+# each one's live leases (pages in flight on every replica), when it was last served, and its oldest open page.
+TURNS = """
+WITH RECURSIVE owners (owner) AS (
+    SELECT (SELECT t.owner FROM page_tasks t WHERE t.state IN ('todo', 'leased') ORDER BY t.owner LIMIT 1)
+    UNION ALL
+    SELECT (SELECT t.owner FROM page_tasks t WHERE t.state IN ('todo', 'leased') AND t.owner > o.owner
+            ORDER BY t.owner LIMIT 1)
+    FROM owners o WHERE o.owner IS NOT NULL
+), turns AS (
+    SELECT o.owner,
+        (SELECT COUNT(*) FROM page_tasks l WHERE l.owner = o.owner AND l.state = 'leased' AND l.lease_until >= ?)
+            AS leased,
+        COALESCE((SELECT s.served_at FROM owner_turns s WHERE s.owner = o.owner), 0) AS served_at,
+        (SELECT MIN(t.created_at) FROM page_tasks t WHERE t.owner = o.owner AND t.state IN ('todo', 'leased'))
+            AS since
+    FROM owners o WHERE o.owner IS NOT NULL
+)
+"""
+TURN_ORDER = "leased, served_at, since, owner"  # columns of `turns`, so each store may qualify them
 
 _SELECT = """
 SELECT j.*,
@@ -226,7 +255,7 @@ class SqlJobStore:
     async def _run_creating(self, fn: Callable[[Tx], T]) -> T:
         """`fn` in one transaction, creating the database first when there is none yet."""
 
-    def _claim(self, tx: Tx, worker: str, limit: int, lease_until: float, busy: list[str]) -> list[dict[str, Any]]:
+    def _claim(self, tx: Tx, worker: str, limit: int, lease_until: float) -> list[dict[str, Any]]:
         """Lease the pages (rows with job_id, page, attempt): locking is where the stores differ."""
         raise NotImplementedError  # PostgreSQL claims in one statement of its own (`PostgresJobStore.claim`)
 
@@ -376,16 +405,17 @@ class SqlJobStore:
             for number in job.pages:
                 params += [job_id, number, job.owner, now]
             tx.run(f"INSERT INTO page_tasks (job_id, page, state, attempt, owner, created_at) VALUES {values}", params)
+            tx.run("INSERT INTO owner_turns (owner, served_at) VALUES (?, 0) ON CONFLICT DO NOTHING", (job.owner,))
             record = self._get(tx, job_id)
             assert record is not None
             return record
 
         return await self._run_creating(insert)
 
-    async def claim(self, worker: str, *, limit: int, lease_s: float, busy_owners: Collection[str] = ()) -> list[Lease]:
+    async def claim(self, worker: str, *, limit: int, lease_s: float) -> list[Lease]:
         def claim(tx: Tx) -> list[Lease]:
             now = self.clock()
-            rows = self._claim(tx, worker, limit, now + lease_s, sorted(set(busy_owners)))
+            rows = self._claim(tx, worker, limit, now + lease_s)
             if not rows:
                 return []
             self._mark_running(tx, rows[0]["job_id"], now)

@@ -83,6 +83,19 @@ SQLITE: list[str] = [
     );
     CREATE INDEX IF NOT EXISTS webhook_outbox_due ON webhook_outbox (next_at);
     """,
+    # 4: fair claiming between owners on every process (base.TURNS): open and leased pages by owner, and
+    # when each owner was last served. Claims no longer walk pages by age alone.
+    """
+    CREATE TABLE owner_turns (
+        owner TEXT PRIMARY KEY,
+        served_at REAL NOT NULL
+    );
+    INSERT INTO owner_turns (owner, served_at) SELECT DISTINCT owner, 0 FROM page_tasks;
+    CREATE INDEX page_tasks_open_by_owner ON page_tasks (owner, created_at, job_id, page)
+        WHERE state IN ('todo', 'leased');
+    CREATE INDEX page_tasks_leased_by_owner ON page_tasks (owner, lease_until) WHERE state = 'leased';
+    DROP INDEX page_tasks_open;
+    """,
 ]
 
 POSTGRES: list[str] = [
@@ -200,6 +213,19 @@ POSTGRES: list[str] = [
         PRIMARY KEY (replica, client)
     );
     CREATE INDEX IF NOT EXISTS key_inflight_by_client ON key_inflight (client, lease_until);
+    """,
+    # 4: fair claiming between owners across replicas (base.TURNS): open and leased pages by owner, and when
+    # each owner was last served. Claims no longer walk pages by age alone.
+    """
+    CREATE TABLE owner_turns (
+        owner TEXT PRIMARY KEY,
+        served_at DOUBLE PRECISION NOT NULL
+    );
+    INSERT INTO owner_turns (owner, served_at) SELECT DISTINCT owner, 0 FROM page_tasks;
+    CREATE INDEX page_tasks_open_by_owner ON page_tasks (owner, created_at, job_id, page)
+        WHERE state IN ('todo', 'leased');
+    CREATE INDEX page_tasks_leased_by_owner ON page_tasks (owner, lease_until) WHERE state = 'leased';
+    DROP INDEX page_tasks_open;
     """,
 ]
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -36,7 +36,7 @@ from psycopg.rows import dict_row
 
 from app.errors import StoreUnavailable
 from app.jobs.store import migrations
-from app.jobs.store.base import OPEN, Completion, Lease, SqlJobStore, Tx, dump_page
+from app.jobs.store.base import OPEN, TURN_ORDER, TURNS, Completion, Lease, SqlJobStore, Tx, dump_page
 from app.results import FinishedPage
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,9 @@ def prepare(url: str) -> None:
     except psycopg.Error as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StoreStartError(f"JOBS_DB: cannot use the PostgreSQL job store at {shown}: {reason}") from None
+
+
+_W_ORDER = ", ".join(f"w.{column.strip()}" for column in TURN_ORDER.split(","))
 
 
 class PostgresJobStore(SqlJobStore):
@@ -218,16 +221,20 @@ class PostgresJobStore(SqlJobStore):
     async def _run_single(self, fn: Callable[[Tx], T]) -> T:
         return await anyio.to_thread.run_sync(partial(self._transaction, fn, single=True))
 
-    async def claim(self, worker: str, *, limit: int, lease_s: float, busy_owners: Collection[str] = ()) -> list[Lease]:
-        """One statement: lease the pages (SKIP LOCKED) and mark their job running (never waiting for it)."""
+    async def claim(self, worker: str, *, limit: int, lease_s: float) -> list[Lease]:
+        """One statement: take the first owner in turn order (`TURNS`) with a page no other claim holds
+        (SKIP LOCKED), lease up to `limit` pages of that page's job, stamp the owner's turn, and mark the job
+        running; it never waits on another claim (the turn stamp is skipped when a concurrent claim of the same
+        owner holds it: that claim stamps the same moment)."""
         now = self.clock()
-        busy = sorted(set(busy_owners))
-        prefer = "(t.owner = ANY(?)), " if busy else ""
-        params: list[Any] = [now, busy] if busy else [now]
         sql = f"""
-            WITH pick AS (
-                SELECT t.job_id FROM page_tasks t WHERE {OPEN}
-                ORDER BY {prefer}t.created_at, t.job_id, t.page LIMIT 1 FOR UPDATE SKIP LOCKED
+            {TURNS}, pick AS (
+                SELECT p.job_id, p.owner FROM (SELECT * FROM turns ORDER BY {TURN_ORDER}) w
+                CROSS JOIN LATERAL (
+                    SELECT t.job_id, t.owner FROM page_tasks t WHERE t.owner = w.owner AND {OPEN}
+                    ORDER BY t.created_at, t.job_id, t.page LIMIT 1 FOR UPDATE SKIP LOCKED
+                ) p
+                ORDER BY {_W_ORDER} LIMIT 1
             ), batch AS (
                 SELECT t.job_id, t.page FROM page_tasks t JOIN pick ON t.job_id = pick.job_id WHERE {OPEN}
                 ORDER BY t.page LIMIT ? FOR UPDATE OF t SKIP LOCKED
@@ -235,12 +242,16 @@ class PostgresJobStore(SqlJobStore):
                 UPDATE jobs SET status = 'running', run_started_at = ?, updated_at = ? WHERE id IN
                     (SELECT id FROM jobs WHERE id = (SELECT job_id FROM pick) AND status = 'queued'
                      FOR UPDATE SKIP LOCKED)
+            ), turn AS (
+                UPDATE owner_turns SET served_at = ? WHERE owner IN
+                    (SELECT s.owner FROM owner_turns s WHERE s.owner = (SELECT owner FROM pick)
+                     FOR UPDATE SKIP LOCKED)
             )
             UPDATE page_tasks u SET state = 'leased', worker = ?, attempt = u.attempt + 1, lease_until = ?
             FROM batch WHERE u.job_id = batch.job_id AND u.page = batch.page
             RETURNING u.job_id, u.page, u.attempt
             """
-        values = [*params, now, limit, now, now, worker, now + lease_s]
+        values = [now, now, now, limit, now, now, now, worker, now + lease_s]
         rows = await self._run_single(lambda tx: tx.rows(sql, values))
         return sorted(Lease(row["job_id"], row["page"], worker, row["attempt"]) for row in rows)
 

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import anyio
 
 from app.jobs.store import migrations
-from app.jobs.store.base import OPEN, SqlJobStore, Tx
+from app.jobs.store.base import OPEN, TURN_ORDER, TURNS, SqlJobStore, Tx
 
 T = TypeVar("T")
 
@@ -148,16 +148,23 @@ class SqliteJobStore(SqlJobStore):
 
         return await anyio.to_thread.run_sync(locked)
 
-    def _claim(self, tx: Tx, worker: str, limit: int, lease_until: float, busy: list[str]) -> list[dict[str, Any]]:
+    def _claim(self, tx: Tx, worker: str, limit: int, lease_until: float) -> list[dict[str, Any]]:
+        """Under `BEGIN IMMEDIATE` (one writer at a time): the first owner in turn order with a claimable page."""
         now = self.clock()
-        prefer = f"t.owner IN ({','.join('?' * len(busy))}), " if busy else ""
-        first = tx.rows(
-            f"SELECT t.job_id FROM page_tasks t WHERE {OPEN} ORDER BY {prefer}t.created_at, t.job_id, t.page LIMIT 1",
-            [now, *busy],
+        turns = tx.rows(
+            f"{TURNS} SELECT w.owner, (SELECT t.job_id FROM page_tasks t WHERE t.owner = w.owner AND {OPEN} "
+            f"ORDER BY t.created_at, t.job_id, t.page LIMIT 1) AS job_id FROM turns w ORDER BY {TURN_ORDER}",
+            (now, now),
         )
-        if not first:
+        first = next((turn for turn in turns if turn["job_id"] is not None), None)
+        if first is None:
             return []
-        job_id = first[0]["job_id"]
+        job_id = first["job_id"]
+        tx.run(
+            "INSERT INTO owner_turns (owner, served_at) VALUES (?, ?) "
+            "ON CONFLICT (owner) DO UPDATE SET served_at = excluded.served_at",
+            (first["owner"], now),
+        )
         return tx.rows(
             "UPDATE page_tasks SET state = 'leased', worker = ?, attempt = attempt + 1, lease_until = ? "
             f"WHERE job_id = ? AND page IN (SELECT t.page FROM page_tasks t WHERE t.job_id = ? AND {OPEN} "
