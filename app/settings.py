@@ -31,6 +31,12 @@ class Device(StrEnum):
     MPS = "mps"
 
 
+class HfDtype(StrEnum):
+    AUTO = "auto"  # bf16 where the hardware computes in it (CUDA, CPUs with AVX512-BF16 or AMX), else float32
+    BFLOAT16 = "bfloat16"
+    FLOAT32 = "float32"
+
+
 class LogFormat(StrEnum):
     JSON = "json"
     TEXT = "text"
@@ -142,6 +148,7 @@ class Settings(BaseSettings):
     intake_workers: Annotated[int, Field(ge=0, le=256)] | None = None
 
     # Hugging Face engine.
+    hf_dtype: HfDtype = HfDtype.AUTO
     hf_max_batch_size: PositiveInt = 8
     hf_batch_wait_ms: Annotated[float, Field(ge=0)] = 5
 

@@ -5,7 +5,7 @@ the weights' values. One page of 1190 x 1540 px, exactly 256 generated tokens. R
 
     # 1. a full-size random checkpoint (bf16, ~2 GB; the tiny test tokenizer, vocabulary padded to 151,936)
     uv run python -m bench.cpu checkpoint /tmp/lightonocr-full
-    # 2. transformers bf16 in-process, as the huggingface engine loads it
+    # 2. transformers bf16 in-process, as the huggingface engine loads it (--dtype float32: the same in fp32)
     uv run python -m bench.cpu hf /tmp/lightonocr-full
     # 3. a server that is already running (llama-server started with --log-file, see docs/benchmarks.md)
     uv run python -m bench.cpu server http://127.0.0.1:8090/v1 --pid PID --log /tmp/llama.log
@@ -94,19 +94,20 @@ def make_checkpoint(target: Path) -> None:
     print(f"{sum(p.numel() for p in model.parameters()) / 1e9:.3f} B parameters in {target}")
 
 
-def run_hf(checkpoint: Path, threads: int) -> Figures:
+def run_hf(checkpoint: Path, threads: int, dtype_name: str = "bfloat16") -> Figures:
     import torch
     from transformers import LightOnOcrForConditionalGeneration, LightOnOcrProcessor, LogitsProcessor
 
     torch.set_num_threads(threads)
+    dtype = getattr(torch, dtype_name)
     processor = LightOnOcrProcessor.from_pretrained(checkpoint)
-    model: Any = LightOnOcrForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.bfloat16)
+    model: Any = LightOnOcrForConditionalGeneration.from_pretrained(checkpoint, dtype=dtype)
     model.eval()
     conversation: Any = [{"role": "user", "content": [{"type": "image", "image": page_image()}]}]
     inputs: Any = processor.apply_chat_template(
         conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
     )
-    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     marks: dict[str, float] = {}
 
     # Vision encoder + projector: from the encoder's first call to the projector's return (forward hooks).
@@ -142,7 +143,7 @@ def run_hf(checkpoint: Path, threads: int) -> Figures:
     prefill = marks["first"] - start - marks["vision"]
     decode_ms = (end - marks["first"]) * 1000 / max(1, generated - 1)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return Figures("transformers bf16", marks["vision"], prefill, decode_ms, generated, rss, cpu)
+    return Figures(f"transformers {dtype_name}", marks["vision"], prefill, decode_ms, generated, rss, cpu)
 
 
 def run_server(base_url: str, model: str | None, pid: int | None, log: Path | None) -> Figures:
@@ -270,6 +271,7 @@ def main() -> None:
     hf = sub.add_parser("hf")
     hf.add_argument("checkpoint", type=Path)
     hf.add_argument("--threads", type=int, default=2)
+    hf.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     server = sub.add_parser("server")
     server.add_argument("base_url")
     server.add_argument("--model")
@@ -285,7 +287,7 @@ def main() -> None:
         return
     print(f"uptime before: {Path('/proc/loadavg').read_text().strip()}")
     if args.command == "hf":
-        figures = run_hf(args.checkpoint, args.threads)
+        figures = run_hf(args.checkpoint, args.threads, args.dtype)
     elif args.command == "llama-text":
         figures = run_llama_text(args.root_url, args.prompt_tokens, args.pid)
     else:

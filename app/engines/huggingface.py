@@ -31,7 +31,7 @@ from app.errors import EngineError, EngineNotReady, EngineUnavailable, PageRejec
 from app.intake.document import pad_to_min_side
 from app.profiles import Architecture, Profile, active_profile
 from app.results import FinishReason, Generation
-from app.settings import Device, Settings
+from app.settings import Device, HfDtype, Settings
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +97,21 @@ def resolve_device(requested: Device) -> torch.device:
     return torch.device(requested.value)
 
 
-def dtype_for(device: torch.device) -> torch.dtype:
+def dtype_for(device: torch.device, requested: HfDtype = HfDtype.AUTO) -> torch.dtype:
+    """HF_DTYPE, or by default bf16 where the hardware computes in it: CUDA, and CPUs with AVX512-BF16 or AMX.
+
+    Elsewhere float32: on an AVX2-only CPU bf16 goes through conversions and reads a page 2x slower than float32
+    (docs/benchmarks.md §7: 792 s vs 400 s, for twice the memory); MPS kernels are incomplete for bf16.
+    """
     import torch
 
-    # bf16 on CUDA and CPU; MPS kernels are incomplete for bf16.
-    return torch.float32 if device.type == "mps" else torch.bfloat16
+    if requested is not HfDtype.AUTO:
+        return torch.bfloat16 if requested is HfDtype.BFLOAT16 else torch.float32
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return torch.bfloat16
+    return torch.float32
 
 
 @dataclass
@@ -176,7 +186,8 @@ class HuggingFaceEngine(EngineBase):
             source, settings.model_cache_dir, lambda message: self._set_status(EngineNotReady, message)
         )
         self._set_status(EngineNotReady, f"loading the weights on {device}")
-        log.info("loading %s on %s (%s)", checkpoint, device, dtype_for(device))
+        dtype = dtype_for(device, settings.hf_dtype)
+        log.info("loading %s on %s (%s)", checkpoint, device, dtype)
         # Imported here, in the loading thread: importing torch takes seconds and must not hold up the
         # event loop (the app answers /health while this runs).
         from transformers.utils import logging as hf_logging
@@ -191,7 +202,7 @@ class HuggingFaceEngine(EngineBase):
                 self._profile.architecture,
             )
         try:
-            processor, model = _load_classes(architecture, Path(checkpoint), dtype_for(device))
+            processor, model = _load_classes(architecture, Path(checkpoint), dtype)
         except (OSError, ValueError) as exc:  # a missing file is an OSError; a bad config a ValueError
             log.warning("cannot load the checkpoint in %s: %s", checkpoint, exc)
             raise EngineUnavailable(

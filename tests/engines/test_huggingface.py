@@ -25,10 +25,10 @@ import torch
 from PIL import Image
 
 from app.engines.base import Sampling
-from app.engines.huggingface import HuggingFaceEngine, _Pending
+from app.engines.huggingface import HuggingFaceEngine, _Pending, dtype_for
 from app.errors import EngineError, EngineNotReady, EngineUnavailable, PageRejected
 from app.results import Generation
-from app.settings import Settings
+from app.settings import HfDtype, Settings
 from tests.conftest import make_settings
 from tests.support.documents import make_marked_image
 
@@ -102,6 +102,34 @@ async def test_loads_on_cpu_and_reports_it(engine: HuggingFaceEngine, tiny_check
     assert info.device == "cpu"
     assert info.max_pages_in_flight == 2 * MAX_BATCH
     await engine.check_health()
+
+
+@pytest.mark.parametrize(
+    ("device", "avx512_bf16", "amx", "expected"),
+    [
+        ("cpu", False, False, torch.float32),  # AVX2 only (this project's machines): bf16 is emulated, 2x slower
+        ("cpu", True, False, torch.bfloat16),
+        ("cpu", False, True, torch.bfloat16),
+        ("cuda", False, False, torch.bfloat16),
+        ("mps", True, True, torch.float32),
+    ],
+)
+def test_auto_precision_is_bf16_only_where_the_hardware_computes_in_it(
+    monkeypatch: pytest.MonkeyPatch, device: str, avx512_bf16: bool, amx: bool, expected: torch.dtype
+) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert dtype_for(torch.device(device)) == expected
+    assert dtype_for(torch.device(device), HfDtype.BFLOAT16) == torch.bfloat16  # HF_DTYPE wins
+    assert dtype_for(torch.device(device), HfDtype.FLOAT32) == torch.float32
+
+
+@pytest.mark.parametrize("requested", ["bfloat16", "float32"])
+async def test_the_model_is_loaded_in_hf_dtype_and_reads_a_page(tiny_checkpoint: Path, requested: str) -> None:
+    async with HuggingFaceEngine(engine_settings(tiny_checkpoint, hf_dtype=requested)) as engine:
+        assert engine._model is not None
+        assert engine._model.dtype == getattr(torch, requested)
+        assert_valid(await engine.recognize(page(1), GREEDY))
 
 
 async def test_check_health_before_start_and_after_close(tiny_checkpoint: Path) -> None:
