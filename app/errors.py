@@ -26,6 +26,7 @@ lists every code.
     │   ├── WrongPassword (422 wrong_password)
     │   ├── TooManyPages (422 too_many_pages)
     │   ├── ImageTooLarge (422 image_too_large)
+    │   ├── RenderTimeout (422 render_timeout)
     │   └── InvalidPages (422 invalid_pages)
     ├── Unauthorized (401 unauthorized, WWW-Authenticate)
     ├── EngineError (502 engine_error)
@@ -217,6 +218,16 @@ class ImageTooLarge(DocumentError):
     """More pixels than `MAX_IMAGE_PIXELS`."""
 
     code = "image_too_large"
+
+
+class RenderTimeout(DocumentError):
+    """A page (or opening the document) took longer than `INTAKE_TIMEOUT_S` in its intake worker process.
+
+    The worker was killed and replaced; only that page fails. A page that no renderer finishes in time is content
+    built to be slow (a PDF drawing millions of paths, say). With `INTAKE_WORKERS=0` (threads) there is no such bound.
+    """
+
+    code = "render_timeout"
 
 
 class InvalidPages(DocumentError):

@@ -84,7 +84,11 @@ class OCRService:
         # Intake in worker processes (INTAKE_WORKERS > 0), or in threads of this process (0). A pool passed in
         # (tests share one) belongs to the caller; one built here is started and closed with the service.
         self._own_intake = intake is None and settings.intake_worker_count > 0
-        self.intake = IntakePool(settings.intake_worker_count) if self._own_intake else intake
+        self.intake = (
+            IntakePool(settings.intake_worker_count, timeout_s=settings.intake_timeout_s)
+            if self._own_intake
+            else intake
+        )
         # An engine that sends PNGs (vLLM) gets them encoded by the worker, padded to its smallest side.
         self._png_engine = self.engine if isinstance(self.engine, SendsPng) else None
         self._intake_start: asyncio.Task[None] | None = None

@@ -146,6 +146,8 @@ class Settings(BaseSettings):
     # Page intake (render, normalise, PNG-encode) in this many worker processes; 0: threads in the service
     # process; unset: one per usable core (`intake_worker_count`).
     intake_workers: Annotated[int, Field(ge=0, le=256)] | None = None
+    # A page that a worker has not rendered after this long fails (render_timeout) and its worker is killed.
+    intake_timeout_s: PositiveFloat = 60
 
     # Hugging Face engine.
     hf_dtype: HfDtype = HfDtype.AUTO

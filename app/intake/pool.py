@@ -44,7 +44,7 @@ from typing import TypeVar
 
 from PIL import Image
 
-from app.errors import IntakeWorkerCrashed, OCRError, ShuttingDown, rebuild_error
+from app.errors import IntakeWorkerCrashed, OCRError, RenderTimeout, ShuttingDown, rebuild_error
 from app.intake.document import EncodedPage, IntakeLimits
 from app.intake.sniff import DocType
 from app.intake.worker import (
@@ -105,10 +105,13 @@ class _Waiter:
 class IntakePool:
     """N intake worker processes; `open` a document, then ask for its pages (`PooledDocument`)."""
 
-    def __init__(self, workers: int, *, handler: Handler = handle, tmp_dir: str | None = None) -> None:
+    def __init__(
+        self, workers: int, *, handler: Handler = handle, tmp_dir: str | None = None, timeout_s: float | None = None
+    ) -> None:
         if workers < 1:
             raise ValueError("an intake pool needs at least one worker")
         self.size = workers
+        self.timeout_s = timeout_s  # per request (a page, or opening a document); None: no bound
         self._handler = handler
         self._context = _context()
         _remove_stale_dirs(tmp_dir)
@@ -191,6 +194,15 @@ class IntakePool:
         except Exception:
             log.exception("could not start a replacement intake worker; retrying on next use")
 
+    def _kill_stuck(self, worker: _Worker) -> None:
+        """A worker past INTAKE_TIMEOUT_S: SIGKILL (PDFium cannot be interrupted otherwise), reap, replace."""
+        pid = worker.process.pid if worker.process is not None else None
+        log.warning("intake worker %s held a request for more than %g s: killing it", pid, self.timeout_s)
+        if worker.process is not None:
+            worker.process.kill()
+        self._reap(worker)
+        self._replace(worker)
+
     def _reap(self, worker: _Worker) -> None:
         if worker.conn is not None:
             worker.conn.close()
@@ -262,6 +274,13 @@ class IntakePool:
                 assert worker.conn is not None
                 worker.conn.send(request)
             try:
+                if self.timeout_s is not None and not worker.conn.poll(self.timeout_s):
+                    self._kill_stuck(worker)
+                    raise RenderTimeout(
+                        f"rendering this page took longer than {self.timeout_s:g} s (INTAKE_TIMEOUT_S); the worker "
+                        "rendering it was stopped and replaced",
+                        timeout_s=self.timeout_s,
+                    )
                 reply: Reply = worker.conn.recv()
             except (EOFError, OSError):
                 pid = worker.process.pid if worker.process is not None else None

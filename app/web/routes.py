@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field
 
 from app.api.deps import Service, read_document, until_disconnect
 from app.imaging import page_png, png_data_url
+from app.intake import Document
 from app.service import OCRService
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -81,6 +82,12 @@ async def _render_pages(
     async with service.opened(data, pages=pages, password=password) as (document, indices):
         rendered = []
         for index in indices:  # one page at a time: memory holds one raw page, not the document
-            png, (width, height) = await anyio.to_thread.run_sync(page_png, document, index, limiter=limiter)
-            rendered.append(RenderedPage(page=index + 1, width=width, height=height, image=png_data_url(png)))
+            url, (width, height) = await anyio.to_thread.run_sync(_page_data_url, document, index, limiter=limiter)
+            rendered.append(RenderedPage(page=index + 1, width=width, height=height, image=url))
         return RenderedPages(pages=rendered)
+
+
+def _page_data_url(document: Document, index: int) -> tuple[str, tuple[int, int]]:
+    """Render, PNG-encode and base64 one page, all in the worker thread (megabytes: never on the event loop)."""
+    png, size = page_png(document, index)
+    return png_data_url(png), size

@@ -308,8 +308,9 @@ class Case:
     pages: int | None = None  # for a 200: pages in the result
     refused_while_reading: bool = False  # the answer must come before the body was all sent
     slow_upload: bool = False  # run against a service with a short UPLOAD_TIMEOUT_S
-    max_latency_s: float = 1.0  # from the last byte written to the whole answer
-    latency_why: str = ""  # why a case needs more than the default second
+    # From the last byte written to the whole answer: a bound that catches a hang or a read of the whole body,
+    # not a speed (speed is measured in bench/, never asserted in a test on shared cores).
+    max_latency_s: float = 10.0
     known_bug: str = ""  # the service answers otherwise today: the test is a strict xfail
 
 
@@ -655,8 +656,6 @@ case(
     "8,000 x 10,000 = MAX_IMAGE_PIXELS exactly (a 10 KB PNG): decoded and downscaled; the heaviest legal image",
     lambda: upload(png_bomb(8_000, 10_000), "a.png"),
     pages=1,
-    max_latency_s=2.0,
-    latency_why="decoding 80 M pixels and LANCZOS to 1232 x 1540 takes ~0.6 s alone on a 2-core box",
 )
 case(
     "jpeg_bomb",

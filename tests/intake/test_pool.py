@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from app.errors import CorruptDocument, IntakeWorkerCrashed, PasswordRequired, UnsupportedMediaType
+from app.errors import CorruptDocument, IntakeWorkerCrashed, PasswordRequired, RenderTimeout, UnsupportedMediaType
 from app.imaging import page_png
 from app.intake import EncodedPage, IntakeLimits, open_document
 from app.intake.pool import IntakePool
@@ -133,6 +133,34 @@ async def test_a_cancelled_page_frees_its_worker(intake_pool: IntakePool, gate: 
         assert len(pages) == 4
     finally:
         document.close()
+
+
+@pytest.mark.anyio
+async def test_a_page_stuck_past_the_timeout_fails_alone_and_its_worker_is_replaced(gate: Gate) -> None:
+    """INTAKE_TIMEOUT_S: a page the renderer never finishes fails with render_timeout (422); the stuck worker is
+    killed (a thread could not be), a fresh one takes its slot, and the document's other pages are read."""
+    pool = IntakePool(1, handler=gate.handler, timeout_s=0.5)
+    try:
+        pool.start()
+        gate.hold(3, 1)
+        document = await pool.open(small_pdf(3), limits=LIMITS)
+        try:
+            stuck_pid = pool.pids()
+            with pytest.raises(RenderTimeout) as raised:
+                await document.page(1, png_min_side=28)
+            assert (raised.value.status, raised.value.code) == (422, "render_timeout")
+            assert raised.value.details == {"timeout_s": 0.5}
+            await asyncio.to_thread(_wait_dead, stuck_pid)  # killed, not left running
+            assert len(pool.pids()) == 1
+            assert pool.pids() != stuck_pid
+            gate.release()
+            pages = await asyncio.gather(*(document.page(index, png_min_side=28) for index in (0, 2)))
+            assert all(isinstance(page, EncodedPage) for page in pages)
+        finally:
+            document.close()
+    finally:
+        gate.release()
+        pool.close()
 
 
 def test_close_leaves_no_process_and_no_file() -> None:
