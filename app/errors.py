@@ -13,7 +13,9 @@ lists every code.
     │   ├── MultipleFiles (400 multiple_files)
     │   ├── MissingFile (422 missing_file)
     │   ├── UnknownField (422 unknown_field)
-    │   └── InvalidCallbackUrl (422 invalid_callback_url)
+    │   ├── InvalidCallbackUrl (422 invalid_callback_url)
+    │   ├── InvalidIdempotencyKey (422 invalid_idempotency_key)
+    │   └── IdempotencyKeyReused (422 idempotency_key_reused)
     ├── UploadTimeout (408 upload_timeout)
     ├── ClientDisconnected (499 client_closed_request, never seen: the client left)
     ├── PayloadTooLarge (413 file_too_large)
@@ -141,6 +143,24 @@ class InvalidLastEventId(BadRequest):
 
     status = 422
     code = "invalid_last_event_id"
+
+
+class InvalidIdempotencyKey(BadRequest):
+    """The `Idempotency-Key` header of `POST /api/jobs` is empty, over 255 characters, or not printable ASCII."""
+
+    status = 422
+    code = "invalid_idempotency_key"
+
+
+class IdempotencyKeyReused(BadRequest):
+    """This client already used the `Idempotency-Key` for a different submission (details: `job_id`).
+
+    Keys are remembered as long as their job (JOBS_TTL_HOURS): a retry of the same submission gets the job the first
+    one created; another document, page selection, password, options or callback under the same key is refused.
+    """
+
+    status = 422
+    code = "idempotency_key_reused"
 
 
 class UploadTimeout(OCRError):

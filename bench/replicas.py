@@ -3,7 +3,8 @@
     uv run python -m bench.replicas --duration 600 --kill-every 30
 
 Jobs are submitted continuously (a closed loop of `--clients` submitters, each to a random live replica) against
-the vLLM stand-in. Every page carries a unique marker, so the stand-in knows exactly which page it was sent.
+the vLLM stand-in; a submission that got no answer is retried with the same `Idempotency-Key` (the replica may have
+died after creating the job). Every page carries a unique marker, so the stand-in knows exactly which page it was sent.
 At each kill the pages leased by the killed replica are read from the database: those may be computed again.
 Reported (JSON on stdout, and `--out`):
 - jobs lost: submitted (202) but not `succeeded` at the end (must be 0);
@@ -96,7 +97,12 @@ class Bench:
             while job_id is None and not self.stop.is_set():
                 replica = self.live()
                 try:
-                    response = httpx.post(f"{replica.url}/api/jobs", files={"file": ("d.pdf", data)}, timeout=30)
+                    response = httpx.post(
+                        f"{replica.url}/api/jobs",
+                        files={"file": ("d.pdf", data)},
+                        headers={"Idempotency-Key": f"bench-{first}"},  # a retry after a lost 202 is the same job
+                        timeout=30,
+                    )
                 except httpx.TransportError as exc:
                     self.submit_errors[type(exc).__name__] += 1
                     time.sleep(0.1)

@@ -8,9 +8,12 @@ other keys get 404 for it, as for an unknown id.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+from dataclasses import replace
 from functools import partial
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import anyio
 from fastapi import APIRouter, Depends, Header, Query, Request
@@ -22,6 +25,7 @@ from app.api.openapi import error_responses, upload_schema
 from app.api.routes import EventStream, stream_format
 from app.api.security import client_id
 from app.errors import (
+    InvalidIdempotencyKey,
     InvalidLastEventId,
     JobCancelled,
     JobFailed,
@@ -92,7 +96,20 @@ async def _job(request: Request, runner: JobRunner, job_id: str) -> JobRecord:
     openapi_extra=_SUBMIT_SCHEMA,
     responses=error_responses(400, 401, 408, 413, 415, 422, 429, 503, 507),
 )
-async def submit(request: Request, service: Service, runner: Runner) -> JSONResponse:
+async def submit(
+    request: Request,
+    service: Service,
+    runner: Runner,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            description="Makes a retried submission safe: the same key and submission from the same client get "
+            "the job the first one created (`Idempotent-Replayed: true`), not a second job; the same key for "
+            "another submission is refused (422 `idempotency_key_reused`). Up to 255 printable ASCII characters; "
+            "remembered as long as the job."
+        ),
+    ] = None,
+) -> JSONResponse:
     upload = await read_document(request, service)
     callback_url = upload.fields.get("callback_url") or None
     if callback_url is not None:
@@ -100,22 +117,58 @@ async def submit(request: Request, service: Service, runner: Runner) -> JSONResp
     pages = upload.fields.get("pages")
     password = upload.fields.get("password") or None
     client = client_id(request)
-    # Admission limits apply here, where the caller can be told; the runner waits instead.
     options = read_options(upload)
-    numbers = await service.check_admission(upload.data, pages=pages, password=password, client=client, options=options)
+    key = _checked_idempotency_key(idempotency_key)
     new = NewJob(
         owner=client,
-        pages=numbers,
+        pages=[],
         pages_spec=pages,
         password=password,
         callback_url=callback_url,
         filename=upload.filename,
         options=options.to_dict(),
-    )
-    record = await runner.store.create(new, upload.data)
-    runner.notify()
+        idempotency_key=key,
+        request_sha256=None if key is None else await anyio.to_thread.run_sync(
+            _fingerprint, upload.data, pages, password, options.to_dict(), callback_url
+        ),
+    )  # fmt: skip
+    # A retry is answered before admission: it must not be charged or refused as a second submission.
+    record = await runner.store.replay(new)
+    if record is None:
+        # Admission limits apply here, where the caller can be told; the runner waits instead.
+        numbers = await service.check_admission(
+            upload.data, pages=pages, password=password, client=client, options=options
+        )
+        record = await runner.store.create(replace(new, pages=numbers), upload.data)
+        runner.notify()
     body = summarize(record, runner.clock()).model_dump(mode="json")
-    return JSONResponse(body, status_code=202, headers={"Location": f"/api/jobs/{record.id}"})
+    headers = {"Location": f"/api/jobs/{record.id}"}
+    if record.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return JSONResponse(body, status_code=202, headers=headers)
+
+
+_IDEMPOTENCY_KEY_MAX = 255
+
+
+def _checked_idempotency_key(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not 0 < len(value) <= _IDEMPOTENCY_KEY_MAX or not all(" " <= char <= "~" for char in value):
+        raise InvalidIdempotencyKey(
+            f"Idempotency-Key must be 1 to {_IDEMPOTENCY_KEY_MAX} printable ASCII characters",
+            length=len(value),
+        )
+    return value
+
+
+def _fingerprint(
+    data: bytes, pages: str | None, password: str | None, options: dict[str, Any], callback_url: str | None
+) -> str:
+    """What an Idempotency-Key stands for: the document and every field that shapes the job (megabytes: a thread)."""
+    digest = hashlib.sha256(data)
+    digest.update(json.dumps([pages, password, options, callback_url], sort_keys=True).encode())
+    return digest.hexdigest()
 
 
 @router.get(

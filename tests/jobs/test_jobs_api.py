@@ -228,6 +228,38 @@ def test_limits_apply_at_submit(stub: StubVLLM, jobs_service: Callable[..., str]
     httpx.delete(f"{url}/api/jobs/{running}")
 
 
+def test_a_retried_submission_with_an_idempotency_key_gets_the_first_job(
+    stub: StubVLLM, jobs_service: Callable[..., str]
+) -> None:
+    """A client that lost the 202 (a replica died, a proxy timed out) retries with the same Idempotency-Key:
+    it gets the job the first attempt made, not a second job, and the retry is not charged to its rate."""
+    url = jobs_service(rate_limit_pages_per_min=2)
+    document = make_pdf(2, SMALL)
+    first = submit(url, document, headers={"Idempotency-Key": "order-42"})
+    assert first.status_code == 202
+    assert "idempotent-replayed" not in first.headers
+    retried = submit(url, document, headers={"Idempotency-Key": "order-42"})
+    assert retried.status_code == 202, retried.text  # not 429: the bucket held 2 pages, both spent by the first
+    assert retried.json()["id"] == first.json()["id"]
+    assert retried.headers["location"] == first.headers["location"]
+    assert retried.headers["idempotent-replayed"] == "true"
+    assert [job["id"] for job in httpx.get(f"{url}/api/jobs").json()["jobs"]] == [first.json()["id"]]
+    assert wait_job(url, first.json()["id"], lambda job: job["status"] == "succeeded")["pages_done"] == 2
+    assert stub.completed == 2  # each page computed once
+
+    reused = submit(url, make_pdf(1, SMALL), headers={"Idempotency-Key": "order-42"})
+    assert reused.status_code == 422
+    assert reused.json()["error"]["code"] == "idempotency_key_reused"
+    assert reused.json()["error"]["details"] == {"job_id": first.json()["id"]}
+    other_pages = submit(url, document, pages="1", headers={"Idempotency-Key": "order-42"})
+    assert other_pages.json()["error"]["code"] == "idempotency_key_reused"
+    for bad in (b"", b"x" * 256, "caf\u00e9".encode()):
+        refused = httpx.post(f"{url}/api/jobs", files={"file": ("a.pdf", document)},
+                             headers={b"Idempotency-Key": bad}, timeout=30)  # fmt: skip
+        assert refused.status_code == 422, bad
+        assert refused.json()["error"]["code"] == "invalid_idempotency_key"
+
+
 def test_encrypted_pdf_and_page_images(stub: StubVLLM, jobs_service: Callable[..., str]) -> None:
     """The stored password reopens the PDF; /image is byte for byte the PNG the stub received."""
     seen: dict[int, str] = {}

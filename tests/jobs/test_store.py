@@ -7,12 +7,13 @@ import asyncio
 import sqlite3
 import stat
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from app.errors import JobsStorageFull
+from app.errors import IdempotencyKeyReused, JobsStorageFull
 from app.jobs import Lease, NewJob, PostgresJobStore, SqliteJobStore
 from app.jobs.store import SqlJobStore, migrations
 from app.results import Block, FinishedPage, PageError, PageResult
@@ -195,6 +196,40 @@ async def test_expired_leases_do_not_count_as_pages_in_flight(store: SqlJobStore
     clock.now += 10  # A's leases expired; B's 2 pages are still in flight
     taken = await store.claim("w3", limit=8, lease_s=LEASE_S)
     assert [(lease.job_id, lease.page, lease.attempt) for lease in taken] == [(big.id, lease.page, 2) for lease in dead]
+
+
+def keyed(owner: str, key: str | None, sha: str, pages: int = 3) -> NewJob:
+    return replace(new_job(owner, pages=pages), idempotency_key=key, request_sha256=sha)
+
+
+async def test_an_idempotency_key_makes_one_job_per_owner(store: SqlJobStore) -> None:
+    first = await store.create(keyed("key:a", "k1", "sha-1"), b"doc")
+    assert not first.replayed
+    again = await store.create(keyed("key:a", "k1", "sha-1"), b"doc")
+    assert (again.id, again.replayed) == (first.id, True)
+    assert await store.replay(keyed("key:a", "k1", "sha-1")) == again
+    assert await store.replay(keyed("key:a", "k2", "sha-1")) is None
+    with pytest.raises(IdempotencyKeyReused) as reused:
+        await store.create(keyed("key:a", "k1", "sha-2"), b"other")
+    assert reused.value.details == {"job_id": first.id}
+    other_owner = await store.create(keyed("key:b", "k1", "sha-1"), b"doc")  # keys are per owner
+    unkeyed = [await store.create(keyed("key:a", None, "sha-1"), b"doc") for _ in range(2)]
+    ids = {job.id for job in await store.list_jobs()}
+    assert ids == {first.id, other_owner.id, *(job.id for job in unkeyed)}
+    assert len(await store.claim("w", limit=100, lease_s=LEASE_S)) == 3  # pages of one job: stored once
+
+
+async def test_the_same_key_submitted_on_two_replicas_at_once_makes_one_job(store: SqlJobStore, clock: Clock) -> None:
+    replica = other(store, clock)
+    try:
+        made = await asyncio.gather(
+            *(on.create(keyed("key:a", "retry-1", "sha"), b"doc") for on in (store, replica, store, replica))
+        )
+    finally:
+        replica.close()
+    assert len({job.id for job in made}) == 1
+    assert sorted(job.replayed for job in made) == [False, True, True, True]
+    assert len(await store.list_jobs()) == 1
 
 
 async def test_only_the_current_lease_holder_can_store_a_page(store: SqlJobStore, clock: Clock) -> None:

@@ -27,11 +27,11 @@ import json
 import uuid
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol, TypeVar
 
 from app.blocks import parse_blocks
-from app.errors import JobsStorageFull
+from app.errors import IdempotencyKeyReused, JobsStorageFull
 from app.results import Block, FinishedPage, PageResult
 
 JobStatus = Literal["queued", "running", "succeeded", "partial", "failed", "cancelled"]
@@ -52,6 +52,8 @@ class NewJob:
     callback_url: str | None
     filename: str | None
     options: dict[str, Any] | None = None  # how to read the pages (`ReadOptions.to_dict`); None: the defaults
+    idempotency_key: str | None = None  # the client's Idempotency-Key: one job per (owner, key)
+    request_sha256: str | None = None  # what the key was used for (document, pages, password, options, callback)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +79,7 @@ class JobRecord:
     stored_bytes: int
     waiting: dict[str, Any] | None = None  # {code, message, since}: why the job is not moving, since when
     options: dict[str, Any] | None = None  # how to read the pages (`ReadOptions.to_dict`); None: the defaults
+    replayed: bool = False  # `create` found the job an earlier submission with the same Idempotency-Key made
 
     @property
     def pages_total(self) -> int:
@@ -122,11 +125,17 @@ class JobStore(Protocol):
         ...
 
     async def create(self, job: NewJob, document: bytes) -> JobRecord:
-        """Store a queued job, its document and its pages to do, or raise `JobsStorageFull`."""
+        """Store a queued job, its document and its pages to do, or raise `JobsStorageFull`. With an
+        idempotency key already used by the owner: that job (`replayed`), or `IdempotencyKeyReused`."""
         ...
 
     async def get(self, job_id: str) -> JobRecord | None:
         """The job, or None when unknown or expired."""
+        ...
+
+    async def replay(self, job: NewJob) -> JobRecord | None:
+        """The job an earlier submission with `job`'s owner and idempotency key made (`replayed`), None if
+        there was none; `IdempotencyKeyReused` when that submission was a different one."""
         ...
 
     async def list_jobs(self, owner: str | None = None, limit: int = 100) -> list[JobRecord]: ...
@@ -319,6 +328,11 @@ class SqlJobStore:
                         (job_id, self.clock()))  # fmt: skip
         return self._record(found[0]) if found else None
 
+    async def replay(self, job: NewJob) -> JobRecord | None:
+        if job.idempotency_key is None:
+            return None
+        return await self._run(lambda tx: self._replay(tx, job), default=None)
+
     async def get(self, job_id: str) -> JobRecord | None:
         return await self._run(lambda tx: self._get(tx, job_id), default=None)
 
@@ -382,6 +396,8 @@ class SqlJobStore:
 
     async def create(self, job: NewJob, document: bytes) -> JobRecord:
         def insert(tx: Tx) -> JobRecord:
+            if (earlier := self._replay(tx, job)) is not None:
+                return earlier
             used = self._used(tx)
             if used + len(document) > self.max_bytes:
                 raise JobsStorageFull(
@@ -392,13 +408,19 @@ class SqlJobStore:
                     document_bytes=len(document),
                 )
             job_id, now = uuid.uuid4().hex, self.clock()
-            tx.run(
+            inserted = tx.rows(
                 "INSERT INTO jobs (id, owner, status, pages, pages_spec, password, callback_url, filename, "
-                "doc_bytes, created_at, updated_at, webhook, options) "
-                "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
+                "doc_bytes, created_at, updated_at, webhook, options, idempotency_key, request_sha256) "
+                "VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?) "
+                "ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING id",
                 (job_id, job.owner, json.dumps(job.pages), job.pages_spec, job.password, job.callback_url,
-                 job.filename, len(document), now, now, json.dumps(job.options) if job.options else None),
+                 job.filename, len(document), now, now, json.dumps(job.options) if job.options else None,
+                 job.idempotency_key, job.request_sha256),
             )  # fmt: skip
+            if not inserted:  # the same key, submitted concurrently on another replica, won (SQLite serialises)
+                earlier = self._replay(tx, job)
+                assert earlier is not None
+                return earlier
             tx.run("INSERT INTO documents (job_id, data) VALUES (?, ?)", (job_id, document))
             values = ", ".join("(?, ?, 'todo', 0, ?, ?)" for _ in job.pages)
             params: list[Any] = []
@@ -411,6 +433,26 @@ class SqlJobStore:
             return record
 
         return await self._run_creating(insert)
+
+    def _replay(self, tx: Tx, job: NewJob) -> JobRecord | None:
+        """The job an earlier submission with the same owner and Idempotency-Key made, if any."""
+        if job.idempotency_key is None:
+            return None
+        rows = tx.rows(
+            "SELECT id, request_sha256 FROM jobs WHERE owner = ? AND idempotency_key = ?",
+            (job.owner, job.idempotency_key),
+        )
+        if not rows:
+            return None
+        if rows[0]["request_sha256"] != job.request_sha256:
+            raise IdempotencyKeyReused(
+                "this Idempotency-Key was already used for a different submission (another document, pages, "
+                "password, options or callback_url); use a new key for a new job",
+                job_id=rows[0]["id"],
+            )
+        record = self._get(tx, rows[0]["id"])
+        assert record is not None
+        return replace(record, replayed=True)
 
     async def claim(self, worker: str, *, limit: int, lease_s: float) -> list[Lease]:
         def claim(tx: Tx) -> list[Lease]:

@@ -96,6 +96,12 @@ SQLITE: list[str] = [
     CREATE INDEX page_tasks_leased_by_owner ON page_tasks (owner, lease_until) WHERE state = 'leased';
     DROP INDEX page_tasks_open;
     """,
+    # 5: Idempotency-Key on job submissions: one job per (owner, key), and what the key was first used for.
+    """
+    ALTER TABLE jobs ADD COLUMN idempotency_key TEXT;
+    ALTER TABLE jobs ADD COLUMN request_sha256 TEXT;
+    CREATE UNIQUE INDEX jobs_by_idempotency_key ON jobs (owner, idempotency_key) WHERE idempotency_key IS NOT NULL;
+    """,
 ]
 
 POSTGRES: list[str] = [
@@ -226,6 +232,12 @@ POSTGRES: list[str] = [
         WHERE state IN ('todo', 'leased');
     CREATE INDEX page_tasks_leased_by_owner ON page_tasks (owner, lease_until) WHERE state = 'leased';
     DROP INDEX page_tasks_open;
+    """,
+    # 5: Idempotency-Key on job submissions: one job per (owner, key), and what the key was first used for.
+    """
+    ALTER TABLE jobs ADD COLUMN idempotency_key TEXT;
+    ALTER TABLE jobs ADD COLUMN request_sha256 TEXT;
+    CREATE UNIQUE INDEX jobs_by_idempotency_key ON jobs (owner, idempotency_key) WHERE idempotency_key IS NOT NULL;
     """,
 ]
 
