@@ -219,6 +219,15 @@ async def test_an_idempotency_key_makes_one_job_per_owner(store: SqlJobStore) ->
     assert len(await store.claim("w", limit=100, lease_s=LEASE_S)) == 3  # pages of one job: stored once
 
 
+async def test_an_idempotency_key_is_free_again_once_its_job_expired(store: SqlJobStore, clock: Clock) -> None:
+    first = await store.create(keyed("key:a", "k1", "sha-1"), b"doc")
+    await store.finish(first.id, "succeeded")
+    clock.now += TTL_S + 1  # expired, not swept yet
+    second = await store.create(keyed("key:a", "k1", "sha-2"), b"new")
+    assert (second.id != first.id, second.replayed) == (True, False)
+    assert await store.replay(keyed("key:a", "k1", "sha-2")) == replace(second, replayed=True)
+
+
 async def test_the_same_key_submitted_on_two_replicas_at_once_makes_one_job(store: SqlJobStore, clock: Clock) -> None:
     replica = other(store, clock)
     try:

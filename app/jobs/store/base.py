@@ -444,14 +444,16 @@ class SqlJobStore:
         )
         if not rows:
             return None
+        record = self._get(tx, rows[0]["id"])
+        if record is None:  # expired, not swept yet: its key is free again
+            tx.run("UPDATE jobs SET idempotency_key = NULL WHERE id = ?", (rows[0]["id"],))
+            return None
         if rows[0]["request_sha256"] != job.request_sha256:
             raise IdempotencyKeyReused(
                 "this Idempotency-Key was already used for a different submission (another document, pages, "
                 "password, options or callback_url); use a new key for a new job",
-                job_id=rows[0]["id"],
+                job_id=record.id,
             )
-        record = self._get(tx, rows[0]["id"])
-        assert record is not None
         return replace(record, replayed=True)
 
     async def claim(self, worker: str, *, limit: int, lease_s: float) -> list[Lease]:
