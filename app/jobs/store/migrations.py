@@ -8,6 +8,28 @@ could lose or corrupt jobs. Add migrations by appending to the lists, never by e
 
 from __future__ import annotations
 
+# 4, the same SQL on both (SQLite reads DOUBLE PRECISION as REAL): fair claiming between owners across processes
+# and replicas (base.TURNS): open and leased pages by owner, and when each owner was last served.
+_FAIR_CLAIMS = """
+    CREATE TABLE owner_turns (
+        owner TEXT PRIMARY KEY,
+        served_at DOUBLE PRECISION NOT NULL
+    );
+    INSERT INTO owner_turns (owner, served_at) SELECT DISTINCT owner, 0 FROM page_tasks;
+    CREATE INDEX page_tasks_open_by_owner ON page_tasks (owner, created_at, job_id, page)
+        WHERE state IN ('todo', 'leased');
+    CREATE INDEX page_tasks_leased_by_owner ON page_tasks (owner, lease_until) WHERE state = 'leased';
+    DROP INDEX page_tasks_open;
+"""
+
+# 5, the same SQL on both: Idempotency-Key on job submissions, one job per (owner, key), and what the key was
+# first used for.
+_IDEMPOTENCY_KEYS = """
+    ALTER TABLE jobs ADD COLUMN idempotency_key TEXT;
+    ALTER TABLE jobs ADD COLUMN request_sha256 TEXT;
+    CREATE UNIQUE INDEX jobs_by_idempotency_key ON jobs (owner, idempotency_key) WHERE idempotency_key IS NOT NULL;
+"""
+
 SQLITE: list[str] = [
     # 1: the schema from before page leases (a file made by an older release is at version 0 with these tables).
     """
@@ -83,25 +105,8 @@ SQLITE: list[str] = [
     );
     CREATE INDEX IF NOT EXISTS webhook_outbox_due ON webhook_outbox (next_at);
     """,
-    # 4: fair claiming between owners on every process (base.TURNS): open and leased pages by owner, and
-    # when each owner was last served. Claims no longer walk pages by age alone.
-    """
-    CREATE TABLE owner_turns (
-        owner TEXT PRIMARY KEY,
-        served_at REAL NOT NULL
-    );
-    INSERT INTO owner_turns (owner, served_at) SELECT DISTINCT owner, 0 FROM page_tasks;
-    CREATE INDEX page_tasks_open_by_owner ON page_tasks (owner, created_at, job_id, page)
-        WHERE state IN ('todo', 'leased');
-    CREATE INDEX page_tasks_leased_by_owner ON page_tasks (owner, lease_until) WHERE state = 'leased';
-    DROP INDEX page_tasks_open;
-    """,
-    # 5: Idempotency-Key on job submissions: one job per (owner, key), and what the key was first used for.
-    """
-    ALTER TABLE jobs ADD COLUMN idempotency_key TEXT;
-    ALTER TABLE jobs ADD COLUMN request_sha256 TEXT;
-    CREATE UNIQUE INDEX jobs_by_idempotency_key ON jobs (owner, idempotency_key) WHERE idempotency_key IS NOT NULL;
-    """,
+    _FAIR_CLAIMS,  # 4
+    _IDEMPOTENCY_KEYS,  # 5
 ]
 
 POSTGRES: list[str] = [
@@ -220,25 +225,8 @@ POSTGRES: list[str] = [
     );
     CREATE INDEX IF NOT EXISTS key_inflight_by_client ON key_inflight (client, lease_until);
     """,
-    # 4: fair claiming between owners across replicas (base.TURNS): open and leased pages by owner, and when
-    # each owner was last served. Claims no longer walk pages by age alone.
-    """
-    CREATE TABLE owner_turns (
-        owner TEXT PRIMARY KEY,
-        served_at DOUBLE PRECISION NOT NULL
-    );
-    INSERT INTO owner_turns (owner, served_at) SELECT DISTINCT owner, 0 FROM page_tasks;
-    CREATE INDEX page_tasks_open_by_owner ON page_tasks (owner, created_at, job_id, page)
-        WHERE state IN ('todo', 'leased');
-    CREATE INDEX page_tasks_leased_by_owner ON page_tasks (owner, lease_until) WHERE state = 'leased';
-    DROP INDEX page_tasks_open;
-    """,
-    # 5: Idempotency-Key on job submissions: one job per (owner, key), and what the key was first used for.
-    """
-    ALTER TABLE jobs ADD COLUMN idempotency_key TEXT;
-    ALTER TABLE jobs ADD COLUMN request_sha256 TEXT;
-    CREATE UNIQUE INDEX jobs_by_idempotency_key ON jobs (owner, idempotency_key) WHERE idempotency_key IS NOT NULL;
-    """,
+    _FAIR_CLAIMS,  # 4
+    _IDEMPOTENCY_KEYS,  # 5
 ]
 
 VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
