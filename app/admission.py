@@ -31,6 +31,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from app.background import cancel_and_wait
 from app.errors import Overloaded, RateLimited, TooManyPagesInFlight
 
 log = logging.getLogger(__name__)
@@ -220,11 +221,8 @@ class SharedAdmission(Admission):
         self._task = asyncio.create_task(self._publish_loop(), name="shared-limits")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         with contextlib.suppress(Exception):  # our rows go now rather than when their lease ends
             await self._publish(everything=True)
 

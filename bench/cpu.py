@@ -188,49 +188,47 @@ def run_server(base_url: str, model: str | None, pid: int | None, log: Path | No
     return Figures(f"server {served}", vision, prefill, per_token, tokens, rss, cpu if pid is not None else None)
 
 
-def _tree(pid: int) -> list[int]:
-    """The process and its descendants (vLLM computes in an engine-core child process)."""
+def _stat_fields(text: str) -> list[str]:
+    """/proc/<pid>/stat's fields after the command name (which may hold spaces and parentheses)."""
+    return text.rsplit(")", 1)[1].split()
+
+
+def _tree_files(pid: int | None, name: str) -> list[str]:
+    """/proc/<p>/<name> of the process and its descendants (vLLM computes in an engine-core child process);
+    none without a pid. Processes that exit meanwhile are skipped."""
+    if pid is None:
+        return []
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(_stat_fields(stat.read_text())[1]), []).append(int(stat.parent.name))
         except OSError:
             continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
+    texts, todo = [], [pid]
     while todo:
         current = todo.pop()
-        found.append(current)
         todo += children.get(current, [])
-    return found
+        try:
+            texts.append(Path(f"/proc/{current}/{name}").read_text())
+        except OSError:
+            continue
+    return texts
 
 
 def _process_cpu_s(pid: int | None) -> float:
     """utime + stime of a process tree (threads included), from /proc; 0 without a pid."""
-    if pid is None:
-        return 0.0
-    total = 0.0
-    for member in _tree(pid):
-        try:
-            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+    ticks = sum(int(fields[11]) + int(fields[12]) for fields in map(_stat_fields, _tree_files(pid, "stat")))
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _peak_rss_mib(pid: int | None) -> float:
     """Sum of the process tree's peak RSS (VmHWM); 0 without a pid."""
-    if pid is None:
-        return 0.0
-    total = 0.0
-    for member in _tree(pid):
-        try:
-            lines = Path(f"/proc/{member}/status").read_text().splitlines()
-        except OSError:
-            continue
-        total += sum(int(line.split()[1]) / 1024 for line in lines if line.startswith("VmHWM:"))
-    return total
+    return sum(
+        int(line.split()[1]) / 1024
+        for text in _tree_files(pid, "status")
+        for line in text.splitlines()
+        if line.startswith("VmHWM:")
+    )
 
 
 def run_llama_text(root_url: str, prompt_tokens: int, pid: int | None) -> Figures:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import LightOnOcrForConditionalGeneration, LightOnOcrProcessor
 
+from app.background import cancel_and_wait
 from app.engines.base import EngineBase, EngineInfo, Sampling
 from app.engines.hub import resolve_checkpoint
 from app.errors import EngineError, EngineNotReady, EngineUnavailable, PageRejected, ServiceUnavailable
@@ -222,11 +223,8 @@ class HuggingFaceEngine(EngineBase):
         self._device, self._model, self._processor, self._stop_ids = device, model, processor, stop_ids
 
     async def close(self) -> None:
-        if self._batcher is not None:
-            self._batcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._batcher
-            self._batcher = None
+        await cancel_and_wait(self._batcher)
+        self._batcher = None
         while not self._queue.empty():
             pending = self._queue.get_nowait()
             if not pending.future.done():

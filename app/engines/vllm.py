@@ -15,7 +15,6 @@ probed on /models every `PROBE_INTERVAL_S` until it serves MODEL_NAME again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import random
@@ -25,6 +24,7 @@ import anyio
 import httpx
 from PIL import Image
 
+from app.background import cancel_and_wait
 from app.engines.base import EngineBase, EngineInfo, Sampling
 from app.engines.fleet import Endpoint, Fleet, display_url
 from app.engines.servers import NotOpenAIShaped, ServedModel, ServerKind, error_message, request_extras, served_models
@@ -139,11 +139,8 @@ class VLLMEngine(EngineBase):
             await asyncio.sleep(retry_s)
 
     async def close(self) -> None:
-        if self._prober is not None:
-            self._prober.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._prober
-            self._prober = None
+        await cancel_and_wait(self._prober)
+        self._prober = None
         if self._fleet is not None:
             for endpoint in self._fleet.endpoints:
                 await endpoint.client.aclose()

@@ -21,6 +21,7 @@ from typing import Protocol
 
 import anyio
 
+from app.background import cancel_and_wait
 from app.errors import JobCancelled, JobNotFound, OCRError
 from app.events import ErrorEvent, ErrorInfo, Event, PageEvent, ProgressEvent, ResultEvent, StartEvent
 from app.jobs.store import JobRecord, JobStore
@@ -156,11 +157,8 @@ class NotifyListener:
         self._task = asyncio.create_task(self._loop(), name="jobs-listen")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _loop(self) -> None:
         import psycopg  # only with PostgreSQL

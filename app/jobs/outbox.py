@@ -32,6 +32,7 @@ from typing import Any, Protocol, TypeVar
 
 import anyio
 
+from app.background import cancel_and_wait
 from app.jobs.store import JobStore, WebhookState
 from app.jobs.views import summarize
 from app.jobs.webhooks import WebhookSender
@@ -275,11 +276,8 @@ class Outbox:
 
     async def stop(self) -> None:
         """Stop; an attempt cut here is made again by a replica once its lease runs out."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         await self.sender.aclose()
         if self._backend is not None:
             await self._backend.close()

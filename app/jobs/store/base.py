@@ -236,7 +236,8 @@ WITH RECURSIVE owners (owner) AS (
     FROM owners o WHERE o.owner IS NOT NULL
 )
 """
-TURN_ORDER = "leased, served_at, since, owner"  # columns of `turns`, so each store may qualify them
+TURN_COLUMNS = ("leased", "served_at", "since", "owner")  # the order of `turns`, first key first
+TURN_ORDER = ", ".join(TURN_COLUMNS)
 
 _SELECT = """
 SELECT j.*,

@@ -36,7 +36,7 @@ from psycopg.rows import dict_row
 
 from app.errors import StoreUnavailable
 from app.jobs.store import migrations
-from app.jobs.store.base import OPEN, TURN_ORDER, TURNS, Completion, Lease, SqlJobStore, Tx, dump_page
+from app.jobs.store.base import OPEN, TURN_COLUMNS, TURN_ORDER, TURNS, Completion, Lease, SqlJobStore, Tx, dump_page
 from app.results import FinishedPage
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def prepare(url: str) -> None:
         raise StoreStartError(f"JOBS_DB: cannot use the PostgreSQL job store at {shown}: {reason}") from None
 
 
-_W_ORDER = ", ".join(f"w.{column.strip()}" for column in TURN_ORDER.split(","))
+_W_ORDER = ", ".join(f"w.{column}" for column in TURN_COLUMNS)
 
 
 class PostgresJobStore(SqlJobStore):
