@@ -111,6 +111,13 @@ def cached_snapshot(model_name: str, cache_dir: Path) -> Path | None:
 def _download(model_name: str, revision: str | None, cache_dir: Path, total: int, report: Report, advice: str) -> Path:
     from huggingface_hub import snapshot_download
 
+    try:  # only a download writes the cache: a local MODEL_NAME or a filled cache runs from a read-only place
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EngineUnavailable(
+            f"MODEL_CACHE_DIR {str(cache_dir)!r} cannot be created ({exc.strerror or exc}): point it at a writable "
+            f"directory to download {model_name!r} into, or set MODEL_NAME to a local directory holding the checkpoint"
+        ) from None
     repo = cache_dir / f"models--{model_name.replace('/', '--')}"
     done = threading.Event()
     watcher = threading.Thread(

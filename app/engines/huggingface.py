@@ -182,7 +182,6 @@ class HuggingFaceEngine(EngineBase):
         settings = self._settings
         device = resolve_device(settings.device)
         source = settings.model_name
-        settings.model_cache_dir.mkdir(parents=True, exist_ok=True)
         checkpoint = resolve_checkpoint(
             source, settings.model_cache_dir, lambda message: self._set_status(EngineNotReady, message)
         )

@@ -21,6 +21,8 @@ import pytest
 
 from app.engines import hub
 from app.engines.hub import cached_snapshot
+from app.engines.huggingface import HuggingFaceEngine
+from app.errors import EngineUnavailable
 from app.main import create_app
 from tests.conftest import make_settings, wait_ready
 from tests.support.documents import make_png
@@ -129,6 +131,27 @@ def test_a_complete_cache_is_used_without_the_network(
     )
     with ServedApp(create_app(settings)) as app:
         wait_ready(app.url, timeout=120)  # the hub is unreachable, yet the model loads at once
+
+
+@pytest.mark.anyio
+async def test_a_local_checkpoint_writes_no_cache_directory(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """MODEL_NAME a local directory: nothing is written, so the service runs from a directory it cannot write
+    (the default MODEL_CACHE_DIR, `Model`, is relative to it)."""
+    cache = tmp_path / "nowhere" / "Model"
+    settings = make_settings(
+        model_source="huggingface", model_name=str(tiny_checkpoint), model_cache_dir=cache, device="cpu"
+    )
+    async with HuggingFaceEngine(settings) as engine:
+        await engine.check_health()
+    assert not cache.exists()
+
+
+def test_a_cache_directory_that_cannot_be_made_is_named(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    blocked = tmp_path / "a-file" / "Model"  # under a regular file: not even root can create it
+    with pytest.raises(EngineUnavailable) as raised:
+        hub._download(HUB_ID, REVISION, blocked, 0, lambda message: None, "advice")
+    assert f"MODEL_CACHE_DIR {str(blocked)!r} cannot be created" in raised.value.message
 
 
 def test_an_incomplete_cache_is_not_taken_for_the_weights(tmp_path: Path, tiny_checkpoint: Path) -> None:
