@@ -13,6 +13,7 @@ import contextlib
 import contextvars
 import json
 import logging
+import os
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
 from app.background import cancel_and_wait
 from app.engines.base import EngineBase, EngineInfo, Sampling
-from app.engines.hub import resolve_checkpoint
+from app.engines.hub import looks_like_path, resolve_checkpoint
 from app.errors import EngineError, EngineNotReady, EngineUnavailable, PageRejected, ServiceUnavailable
 from app.intake.document import pad_to_min_side
 from app.profiles import Architecture, Profile, active_profile
@@ -205,11 +206,8 @@ class HuggingFaceEngine(EngineBase):
             processor, model = _load_classes(architecture, Path(checkpoint), dtype)
         except (OSError, ValueError) as exc:  # a missing file is an OSError; a bad config a ValueError
             log.warning("cannot load the checkpoint in %s: %s", checkpoint, exc)
-            raise EngineUnavailable(
-                f"cannot load model {source!r}: {exc}. If this machine is offline, download it elsewhere "
-                f"with `hf download {source} --cache-dir {settings.model_cache_dir}` and copy "
-                "the cache, or set MODEL_NAME to a local directory holding the checkpoint."
-            ) from exc
+            advice = _load_advice(source, Path(checkpoint), settings.model_cache_dir)
+            raise EngineUnavailable(f"cannot load model {source!r}: {exc}. {advice}.") from exc
         model.to(device)
         model.eval()
         if architecture == "lightonocr":
@@ -368,6 +366,24 @@ class HuggingFaceEngine(EngineBase):
         tokens = row[:end] if end is not None else row
         text = self._processor.tokenizer.decode(tokens, skip_special_tokens=True)
         return Generation(text=text.strip(), finish_reason=finish, tokens=len(tokens))
+
+
+def _load_advice(source: str, checkpoint: Path, cache_dir: Path) -> str:
+    """What to do about a checkpoint that does not load (transformers says "No such file" for an unreadable one)."""
+    unreadable = sorted(f.name for f in checkpoint.iterdir() if f.is_file() and not os.access(f, os.R_OK))
+    if unreadable:
+        return (
+            f"This user (uid {os.getuid()}) cannot read {', '.join(unreadable)} in {checkpoint}: fix their permissions"
+        )
+    if looks_like_path(source) or Path(source).is_dir():
+        return (
+            f"Check that {checkpoint} holds a complete checkpoint (config.json, model*.safetensors, the processor "
+            "and tokenizer files)"
+        )
+    return (
+        f"If this machine is offline, download it elsewhere with `hf download {source} --cache-dir {cache_dir}` and "
+        "copy the cache, or set MODEL_NAME to a local directory holding the checkpoint"
+    )
 
 
 def _load_classes(architecture: Architecture, checkpoint: Path, dtype: torch.dtype) -> tuple[Any, Any]:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -130,6 +132,35 @@ async def test_the_model_is_loaded_in_hf_dtype_and_reads_a_page(tiny_checkpoint:
         assert engine._model is not None
         assert engine._model.dtype == getattr(torch, requested)
         assert_valid(await engine.recognize(page(1), GREEDY))
+
+
+async def test_a_local_checkpoint_that_does_not_load_says_what_to_check(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not the hub's advice (`hf download /some/dir` means nothing): what is missing, or what cannot be read."""
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(tiny_checkpoint, incomplete, ignore=shutil.ignore_patterns("*.safetensors"))
+    engine = HuggingFaceEngine(engine_settings(incomplete, model_load_retry_s=0))
+    with pytest.raises(EngineUnavailable) as missing:
+        await engine.start()
+    assert f"Check that {incomplete} holds a complete checkpoint" in missing.value.message
+    assert "hf download" not in missing.value.message
+
+    unreadable = tmp_path / "unreadable"
+    shutil.copytree(tiny_checkpoint, unreadable)
+    real_access = os.access
+
+    def failing_load(*_: object) -> None:  # what transformers raises for weights it may not open
+        raise OSError(f"No such file or directory: {unreadable}/model.safetensors")
+
+    # Root reads every file: the weights are made unreadable to the engine's check, and the load fails as it would.
+    monkeypatch.setattr("app.engines.huggingface.os.access",
+                        lambda path, mode: Path(path).suffix != ".safetensors" and real_access(path, mode))  # fmt: skip
+    monkeypatch.setattr("app.engines.huggingface._load_classes", failing_load)
+    engine = HuggingFaceEngine(engine_settings(unreadable, model_load_retry_s=0))
+    with pytest.raises(EngineUnavailable) as refused:
+        await engine.start()
+    assert f"cannot read model.safetensors in {unreadable}: fix their permissions" in refused.value.message
 
 
 async def test_check_health_before_start_and_after_close(tiny_checkpoint: Path) -> None:
