@@ -207,7 +207,7 @@ class HuggingFaceEngine(EngineBase):
         except (OSError, ValueError) as exc:  # a missing file is an OSError; a bad config a ValueError
             log.warning("cannot load the checkpoint in %s: %s", checkpoint, exc)
             advice = _load_advice(source, Path(checkpoint), settings.model_cache_dir)
-            raise EngineUnavailable(f"cannot load model {source!r}: {exc}. {advice}.") from exc
+            raise EngineUnavailable(f"cannot load model {source!r}: {exc}. {advice}") from exc
         model.to(device)
         model.eval()
         if architecture == "lightonocr":
