@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.datastructures import Headers
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import (
+    ClientDisconnected,
     FieldTooLarge,
     MalformedRequest,
     MissingFile,
@@ -130,6 +131,8 @@ async def _next_chunk(chunks: AsyncIterator[bytes], idle_timeout_s: float) -> by
             return await anext(chunks)
     except StopAsyncIteration:
         return None
+    except ClientDisconnect:  # the client left mid-upload: nobody to answer, and nothing went wrong here
+        raise ClientDisconnected("the client disconnected before the upload ended") from None
     except TimeoutError:
         raise UploadTimeout(
             f"no byte of the upload arrived for {idle_timeout_s:g}s (UPLOAD_IDLE_TIMEOUT_S)",

@@ -7,6 +7,7 @@ server sees is exactly what a slow client on a real network would send.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import urllib.error
 import urllib.request
@@ -66,6 +67,24 @@ def test_a_stalled_upload_gets_408(vllm_service: ServiceFactory) -> None:
     error = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
     assert error["code"] == "upload_timeout"
     assert "UPLOAD_IDLE_TIMEOUT_S" in error["message"]
+
+
+def test_a_client_that_leaves_mid_upload_is_no_server_error(
+    vllm_service: ServiceFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Half a body, then the client closes: nothing to answer and nothing went wrong on the server's side (no
+    "Exception in ASGI application"), and the next request is served as usual."""
+    url = vllm_service()
+    body = multipart([Part("file", good_png(), "a.png", "image/png")])
+    head = (f"POST /api/inference HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: {form_type()}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+    with socket.create_connection((HOST, _port(url)), timeout=10) as client:
+        client.sendall(head + body[: len(body) // 2])
+        client.shutdown(socket.SHUT_WR)
+        assert client.recv(1000) == b""  # no answer: the client is gone
+    response = httpx.post(f"{url}/api/inference", files={"file": ("a.png", good_png(), "image/png")}, timeout=30)
+    assert response.status_code == 200
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
 
 
 def test_default_total_cap_lets_a_slow_client_send_a_full_size_file() -> None:
