@@ -35,7 +35,8 @@ from app.jobs import JobRunner, WebhookSender
 from app.jobs.events import NotifyListener
 from app.jobs.limits import PostgresLimits
 from app.jobs.outbox import Outbox
-from app.jobs.store.postgres import NOTIFY_CHANNEL
+from app.jobs.store import JobStore, PostgresJobStore
+from app.jobs.store.postgres import NOTIFY_CHANNEL, WORK_CHANNEL
 from app.logs import setup_logging
 from app.metrics import Metrics
 from app.service import OCRService
@@ -45,23 +46,23 @@ from app.web import install_web
 log = logging.getLogger(__name__)
 
 
-def shared_limits(service: OCRService, store: object, replica: str, settings: Settings) -> SharedAdmission | None:
+def shared_limits(service: OCRService, store: JobStore, replica: str, settings: Settings) -> SharedAdmission | None:
     """With PostgreSQL, per-key limits count every replica's pages (`SharedAdmission` on the store's pool)."""
-    pool = getattr(store, "pool", None)
-    if pool is None:
+    if not isinstance(store, PostgresJobStore):
         return None  # SQLite: one host, one worker process; the in-process counts are the whole truth
-    lease_s = float(getattr(settings, "job_lease_s", 30.0))
-    shared = SharedAdmission.like(service.admission, PostgresLimits(pool), replica=replica, lease_s=lease_s)
+    limits = PostgresLimits(store.pool)
+    shared = SharedAdmission.like(service.admission, limits, replica=replica, lease_s=settings.job_lease_s)
     service.admission = shared
     return shared
 
 
 def notify_listener(jobs: JobRunner) -> NotifyListener | None:
-    """With PostgreSQL, followers of a job hear of pages stored by any replica at once (LISTEN/NOTIFY)."""
-    conninfo = getattr(jobs.store, "conninfo", None)
-    if not isinstance(conninfo, str):
+    """With PostgreSQL, followers of a job hear of pages stored by any replica at once, and an idle runner of
+    pages submitted to (or given back by) any replica (LISTEN/NOTIFY)."""
+    if not isinstance(jobs.store, PostgresJobStore):
         return None
-    return NotifyListener(conninfo, jobs.feed, NOTIFY_CHANNEL)
+    handlers = {NOTIFY_CHANNEL: jobs.feed.notify, WORK_CHANNEL: lambda _: jobs.notify()}
+    return NotifyListener(jobs.store.conninfo, handlers)
 
 
 def create_app(

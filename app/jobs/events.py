@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Protocol
 
 import anyio
@@ -140,16 +140,16 @@ async def _final(store: JobStore, assemble: Assemble, record: JobRecord) -> Even
 
 
 class NotifyListener:
-    """Forwards PostgreSQL notifications on the store's channel (payload: a job id) to a `JobFeed`.
+    """Forwards PostgreSQL notifications to their handlers: a channel's payload to the handler named for it.
 
-    One connection of its own (LISTEN needs it to stay open); when it drops it is opened again after a second,
-    and followers meanwhile fall back on the feed's poll.
+    The app wires two: job ids to its `JobFeed` (followers), and "pages became claimable" to its runner. One
+    connection of its own (LISTEN needs it to stay open); when it drops it is opened again after a second, and
+    meanwhile followers and runners fall back on their polls.
     """
 
-    def __init__(self, conninfo: str, feed: JobFeed, channel: str) -> None:
+    def __init__(self, conninfo: str, handlers: Mapping[str, Callable[[str], None]]) -> None:
         self.conninfo = conninfo
-        self.feed = feed
-        self.channel = channel
+        self.handlers = dict(handlers)
         self.listening = asyncio.Event()  # set while LISTEN is in place (tests, readiness)
         self._task: asyncio.Task[None] | None = None
 
@@ -166,12 +166,15 @@ class NotifyListener:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True) as conn:
-                    await conn.execute(f"LISTEN {self.channel}")
+                    for channel in self.handlers:
+                        await conn.execute(f"LISTEN {channel}")
                     self.listening.set()
                     async for notification in conn.notifies():
-                        self.feed.notify(notification.payload)
+                        handler = self.handlers.get(notification.channel)
+                        if handler is not None:
+                            handler(notification.payload)
             except Exception as exc:  # the database went away: poll meanwhile, listen again soon
-                log.warning("job events: LISTEN connection lost (%s); followers poll until it is back", exc)
+                log.warning("job events: LISTEN connection lost (%s); polling until it is back", exc)
             self.listening.clear()
             await asyncio.sleep(1.0)
 

@@ -33,7 +33,7 @@ from typing import Any, Protocol, TypeVar
 import anyio
 
 from app.background import cancel_and_wait
-from app.jobs.store import JobStore, WebhookState
+from app.jobs.store import JobStore, PostgresJobStore, SqliteJobStore, WebhookState
 from app.jobs.views import summarize
 from app.jobs.webhooks import WebhookSender
 
@@ -228,13 +228,11 @@ class PostgresOutbox:
 
 def backend_for(store: JobStore) -> OutboxBackend:
     """The outbox beside the store: the same SQLite file, or the same PostgreSQL pool."""
-    pool = getattr(store, "pool", None)
-    if pool is not None:
-        return PostgresOutbox(pool)
-    path = getattr(store, "path", None)
-    if not isinstance(path, Path):
-        raise TypeError(f"no outbox for a {type(store).__name__}")
-    return SqliteOutbox(path)
+    if isinstance(store, PostgresJobStore):
+        return PostgresOutbox(store.pool)
+    if isinstance(store, SqliteJobStore):
+        return SqliteOutbox(store.path)
+    raise TypeError(f"no outbox for a {type(store).__name__}")
 
 
 class Outbox:

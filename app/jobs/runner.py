@@ -47,7 +47,9 @@ from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
-POLL_S = 1.0  # submits, cancels and finished batches wake the loop at once; this catches other processes' work
+# Submits (any replica's, on PostgreSQL), cancels and finished batches wake the loop at once; the poll catches
+# expired leases (a dead process's pages).
+POLL_S = 1.0
 RENEW_S = 1.0  # lease renewal (and cancel detection) period while pages are in flight
 ORPHAN_CHECK_S = 5.0
 SWEEP_INTERVAL_S = 60.0

@@ -15,7 +15,9 @@ import pytest
 
 from app.errors import StoreUnavailable
 from app.jobs import JobRecord, JobRunner, Lease, NewJob, PostgresJobStore, SqliteJobStore
+from app.jobs import runner as runner_module
 from app.jobs.store import SqlJobStore
+from app.main import notify_listener
 from app.results import Generation
 from app.service import OCRService
 from tests.conftest import make_settings
@@ -221,6 +223,42 @@ async def test_a_dead_workers_pages_are_taken_over_once_its_lease_expired(
         assert await ended(store, record.id) == "succeeded"
     assert sorted(engine.asked) == [1, 2, 3, 4]
     assert not (await store.complete(dead[0], (await store.pages(record.id))[0])).accepted  # the dead one is fenced
+
+
+async def test_a_job_submitted_through_another_replica_wakes_an_idle_runner_at_once(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL a submission anywhere wakes every idle runner (LISTEN/NOTIFY): their poll is an hour here."""
+    monkeypatch.setattr(runner_module, "POLL_S", 3600.0)
+    clock = Clock()
+    idle = PostgresJobStore(postgres_url, ttl_s=3600, max_bytes=10**8, pool_size=4, clock=clock)
+    elsewhere = PostgresJobStore(postgres_url, ttl_s=3600, max_bytes=10**8, pool_size=4, clock=clock)
+    looked = asyncio.Event()
+    claim = idle.claim
+
+    async def watched(worker: str, *, limit: int, lease_s: float) -> list[Lease]:
+        leases = await claim(worker, limit=limit, lease_s=lease_s)
+        looked.set()
+        return leases
+
+    monkeypatch.setattr(idle, "claim", watched)
+
+    async def answer(page: int) -> Generation:
+        return Generation(text=f"page {page}", finish_reason="stop", tokens=2)
+
+    async with runner(idle, answer) as (jobs, engine):
+        listener = notify_listener(jobs)  # as the app wires it
+        assert listener is not None
+        await listener.start()
+        try:
+            await asyncio.wait_for(listener.listening.wait(), 30)
+            await asyncio.wait_for(looked.wait(), 30)  # its look at start found nothing; the next is an hour away
+            record = await submit(elsewhere, 3)
+            assert await ended(elsewhere, record.id) == "succeeded"
+        finally:
+            await listener.stop()
+    assert sorted(engine.asked) == [1, 2, 3]
+    await elsewhere.aclose()
 
 
 async def test_the_database_lost_while_pages_run_loses_nothing() -> None:

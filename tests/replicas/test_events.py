@@ -201,7 +201,7 @@ async def test_a_notification_from_another_connection_wakes_followers_at_once(po
     from app.jobs.store.postgres import NOTIFY_CHANNEL
 
     feed = JobFeed(poll_s=3600)
-    listener = NotifyListener(postgres_url, feed, NOTIFY_CHANNEL)
+    listener = NotifyListener(postgres_url, {NOTIFY_CHANNEL: feed.notify})
     await listener.start()
     try:
         await asyncio.wait_for(listener.listening.wait(), 30)

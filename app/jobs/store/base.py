@@ -276,6 +276,9 @@ class SqlJobStore:
             (now, now, job_id),
         )
 
+    def _announce_work(self, tx: Tx) -> None:
+        """Tell other replicas' runners that pages became claimable; nothing on SQLite (one process runs jobs)."""
+
     def _notify(self, tx: Tx, job_id: str) -> None:
         """Tell listeners (other replicas) that the job moved; nothing on SQLite."""
 
@@ -429,6 +432,8 @@ class SqlJobStore:
                 params += [job_id, number, job.owner, now]
             tx.run(f"INSERT INTO page_tasks (job_id, page, state, attempt, owner, created_at) VALUES {values}", params)
             tx.run("INSERT INTO owner_turns (owner, served_at) VALUES (?, 0) ON CONFLICT DO NOTHING", (job.owner,))
+            if job.pages:
+                self._announce_work(tx)
             record = self._get(tx, job_id)
             assert record is not None
             return record
@@ -518,12 +523,15 @@ class SqlJobStore:
 
     async def release(self, leases: Sequence[Lease]) -> None:
         def release(tx: Tx) -> None:
+            released = 0
             for lease in leases:
-                tx.run(
+                released += tx.run(
                     "UPDATE page_tasks SET state = 'todo', worker = NULL, lease_until = NULL "
                     "WHERE job_id = ? AND page = ? AND worker = ? AND attempt = ? AND state = 'leased'",
                     (lease.job_id, lease.page, lease.worker, lease.attempt),
                 )
+            if released:
+                self._announce_work(tx)
 
         await self._run(release, default=None)
 

@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-NOTIFY_CHANNEL = "lightonocr_jobs"
+NOTIFY_CHANNEL = "lightonocr_jobs"  # payload: a job id whose pages or state changed (followers)
+WORK_CHANNEL = "lightonocr_work"  # no payload: pages became claimable (idle runners claim now, not at their poll)
 _MIGRATION_LOCK = 7_420_512_012  # pg_advisory_xact_lock key: one migrator at a time
 _CONNECT_TIMEOUT_S = 5
 _POOL_TIMEOUT_S = 5.0
@@ -293,6 +294,9 @@ class PostgresJobStore(SqlJobStore):
 
     def _notify(self, tx: Tx, job_id: str) -> None:
         tx.rows(f"SELECT pg_notify('{NOTIFY_CHANNEL}', ?)", (job_id,))
+
+    def _announce_work(self, tx: Tx) -> None:
+        tx.rows(f"SELECT pg_notify('{WORK_CHANNEL}', '')")
 
     async def aclose(self) -> None:
         if self._opened:
