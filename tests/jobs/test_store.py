@@ -523,6 +523,22 @@ async def test_a_file_from_before_page_leases_is_migrated_and_its_jobs_resume(tm
         store.close()
 
 
+async def test_processes_opening_a_new_sqlite_file_at_once_migrate_it_once(tmp_path: Path) -> None:
+    """uvicorn --workers or replicas started together on a new JOBS_DB: each migration is applied once, whoever
+    takes the write lock first (the others find the version moved on); nobody fails with 'duplicate column'."""
+    for attempt in range(5):
+        path = tmp_path / f"jobs-{attempt}.db"
+        stores = [SqliteJobStore(path, ttl_s=TTL_S, max_bytes=10_000) for _ in range(4)]
+        try:
+            made = await asyncio.gather(*(store.create(new_job(), b"doc") for store in stores))
+        finally:
+            for store in stores:
+                store.close()
+        assert len({job.id for job in made}) == 4
+        with sqlite3.connect(path) as db:
+            assert db.execute("SELECT version FROM schema_version").fetchall() == [(len(migrations.SQLITE),)]
+
+
 def test_a_newer_sqlite_schema_stops_start_up_naming_jobs_db(tmp_path: Path) -> None:
     path = tmp_path / "jobs.db"
     with sqlite3.connect(path) as db:

@@ -69,14 +69,19 @@ def check_schema(path: Path) -> None:
 
 
 def migrate(db: sqlite3.Connection, where: str) -> None:
-    found = schema_version(db)
-    if found > len(migrations.SQLITE):
-        raise SchemaTooNew(migrations.too_new(found, len(migrations.SQLITE), where))
-    for version in range(found + 1, len(migrations.SQLITE) + 1):
-        script = migrations.SQLITE[version - 1]
+    """Apply the missing migrations, one transaction each; the version is read under the write lock, so processes
+    opening a new file at once (uvicorn --workers, replicas) apply each migration once."""
+    while True:
+        db.execute("BEGIN IMMEDIATE")
         try:
-            db.execute("BEGIN IMMEDIATE")
-            for statement in _statements(script):
+            found = schema_version(db)
+            if found > len(migrations.SQLITE):
+                raise SchemaTooNew(migrations.too_new(found, len(migrations.SQLITE), where))
+            if found == len(migrations.SQLITE):
+                db.execute("COMMIT")
+                return
+            version = found + 1
+            for statement in _statements(migrations.SQLITE[version - 1]):
                 db.execute(statement)
             if version == 1:
                 columns = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
