@@ -163,18 +163,26 @@ class NotifyListener:
     async def _loop(self) -> None:
         import psycopg  # only with PostgreSQL
 
+        lost = False  # said once per outage, not at every retry
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True) as conn:
+                async with await psycopg.AsyncConnection.connect(
+                    self.conninfo, autocommit=True, connect_timeout=5
+                ) as conn:
                     for channel in self.handlers:
                         await conn.execute(f"LISTEN {channel}")
                     self.listening.set()
+                    if lost:
+                        log.info("job events: listening again")
+                        lost = False
                     async for notification in conn.notifies():
                         handler = self.handlers.get(notification.channel)
                         if handler is not None:
                             handler(notification.payload)
             except Exception as exc:  # the database went away: poll meanwhile, listen again soon
-                log.warning("job events: LISTEN connection lost (%s); polling until it is back", exc)
+                if not lost:
+                    log.warning("job events: LISTEN connection lost (%s); polling until it is back", exc)
+                lost = True
             self.listening.clear()
             await asyncio.sleep(1.0)
 

@@ -261,9 +261,24 @@ async def test_a_job_submitted_through_another_replica_wakes_an_idle_runner_at_o
     await elsewhere.aclose()
 
 
-async def test_the_database_lost_while_pages_run_loses_nothing() -> None:
+async def test_the_database_lost_while_pages_run_loses_nothing(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """PostgreSQL stops while a batch is at the engine: readiness and submissions answer store_unavailable, the
-    pages finish and are kept, and are stored once the database is back; no page is computed twice."""
+    pages finish and are kept, and are stored once the database is back; no page is computed twice. The LISTEN
+    connection says once that it is lost, and listens again."""
+    import psycopg
+
+    listens = 0  # connections the LISTEN task opened or tried to
+    connect = psycopg.AsyncConnection.connect
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal listens
+        task = asyncio.current_task()
+        listens += task is not None and task.get_name() == "jobs-listen"
+        return await connect(*args, **kwargs)
+
+    monkeypatch.setattr(psycopg.AsyncConnection, "connect", counted)
     server = start_postgres()
     try:
         store = PostgresJobStore(server.create_database(), ttl_s=3600, max_bytes=10**8, pool_size=4)
@@ -277,6 +292,10 @@ async def test_the_database_lost_while_pages_run_loses_nothing() -> None:
             return Generation(text=f"page {page}", finish_reason="stop", tokens=2)
 
         async with runner(store, held, concurrency=1, batch=4) as (jobs, engine):
+            listener = notify_listener(jobs)
+            assert listener is not None
+            await listener.start()
+            await asyncio.wait_for(listener.listening.wait(), 30)
             async with asyncio.timeout(10):
                 for _ in range(4):
                     await at_engine.get()
@@ -294,9 +313,19 @@ async def test_the_database_lost_while_pages_run_loses_nothing() -> None:
                 return jobs.pages_kept > 0
 
             await until(kept, within=30)  # a finished page could not be stored, and is kept (stored one by one)
+
+            async def retried() -> bool:  # the first connection, then three failed attempts
+                return listens >= 4
+
+            await until(retried, within=30)
             await anyio.to_thread.run_sync(server.start)
             assert await ended(store, record.id) == "succeeded"
             await jobs.check_store()
+            await asyncio.wait_for(listener.listening.wait(), 30)
+            await listener.stop()
+        said = [r.getMessage() for r in caplog.records if r.name == "app.jobs.events"]
+        assert len([m for m in said if "LISTEN connection lost" in m]) == 1, said
+        assert "job events: listening again" in said
         assert sorted(engine.asked) == [1, 2, 3, 4]  # each page computed once
         assert [p.result.text for p in await store.pages(record.id)] == [f"page {n}" for n in range(1, 5)]
     finally:
