@@ -410,6 +410,27 @@ async def test_expired_jobs_vanish_and_free_their_bytes(store: SqlJobStore, cloc
     assert await store.pages(record.id) == []
 
 
+async def turns(store: SqlJobStore) -> list[str]:
+    """The owners with a turn row (fair claiming's memory of who was served when)."""
+    return await store._run(lambda tx: [r["owner"] for r in tx.rows("SELECT owner FROM owner_turns ORDER BY owner")],
+                            default=[])  # fmt: skip
+
+
+async def test_sweeping_forgets_the_turns_of_owners_with_no_job_left(store: SqlJobStore, clock: Clock) -> None:
+    """Without API keys an owner is a client address: a turn row for every address ever seen would pile up."""
+    gone = await store.create(new_job("addr:10.0.0.1"), b"1")
+    await store.create(new_job("addr:10.0.0.2"), b"2")
+    assert await turns(store) == ["addr:10.0.0.1", "addr:10.0.0.2"]
+    assert await store.finish(gone.id, "cancelled") is not None
+    assert await store.sweep() == 0
+    assert await turns(store) == ["addr:10.0.0.1", "addr:10.0.0.2"]  # its job is still there
+    clock.now += TTL_S
+    assert await store.sweep() == 1
+    assert await turns(store) == ["addr:10.0.0.2"]
+    await store.create(new_job("addr:10.0.0.1"), b"3")  # it comes back: its turn is written again
+    assert await turns(store) == ["addr:10.0.0.1", "addr:10.0.0.2"]
+
+
 async def test_storage_bound(store: SqlJobStore) -> None:
     await store.create(new_job(), b"x" * 6000)
     with pytest.raises(JobsStorageFull) as refused:

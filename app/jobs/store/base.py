@@ -580,7 +580,15 @@ class SqlJobStore:
 
     async def sweep(self) -> int:
         def delete(tx: Tx) -> int:
-            return tx.run("DELETE FROM jobs WHERE expires_at IS NOT NULL AND expires_at <= ?", (self.clock(),))
+            deleted = tx.run("DELETE FROM jobs WHERE expires_at IS NOT NULL AND expires_at <= ?", (self.clock(),))
+            if deleted:
+                # The turns of owners with no job left: without API keys an owner is a client address, so they
+                # would pile up. A submission racing this (its job not committed yet) may lose its owner's row:
+                # that owner counts as never served, winning ties, until its next submission writes the row again.
+                tx.run(
+                    "DELETE FROM owner_turns WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.owner = owner_turns.owner)"
+                )
+            return deleted
 
         return await self._run(delete, default=0)
 
