@@ -118,6 +118,7 @@ async def submit(
     password = upload.fields.get("password") or None
     client = client_id(request)
     options = read_options(upload)
+    stored_options = options.to_dict()
     key = _checked_idempotency_key(idempotency_key)
     new = NewJob(
         owner=client,
@@ -126,10 +127,10 @@ async def submit(
         password=password,
         callback_url=callback_url,
         filename=upload.filename,
-        options=options.to_dict(),
+        options=stored_options,
         idempotency_key=key,
         request_sha256=None if key is None else await anyio.to_thread.run_sync(
-            _fingerprint, upload.data, pages, password, options.to_dict(), callback_url
+            _fingerprint, upload.data, pages, password, stored_options, callback_url
         ),
     )  # fmt: skip
     # A retry is answered before admission: it must not be charged or refused as a second submission.
