@@ -370,7 +370,10 @@ class HuggingFaceEngine(EngineBase):
 
 def _load_advice(source: str, checkpoint: Path, cache_dir: Path) -> str:
     """What to do about a checkpoint that does not load (transformers says "No such file" for an unreadable one)."""
-    unreadable = sorted(f.name for f in checkpoint.iterdir() if f.is_file() and not os.access(f, os.R_OK))
+    try:
+        unreadable = sorted(f.name for f in checkpoint.iterdir() if f.is_file() and not os.access(f, os.R_OK))
+    except OSError:  # not a directory, or one this user cannot list
+        unreadable = [] if not checkpoint.is_dir() else ["its file list"]
     if unreadable:
         return (
             f"This user (uid {os.getuid()}) cannot read {', '.join(unreadable)} in {checkpoint}: fix their permissions"
